@@ -1,0 +1,42 @@
+"""The recipes tunelite ships and the built-in configs each one accepts.
+
+One table, read by `tunelite ls`, `cp` and `run`, so the CLI never guesses from file names.
+"""
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    configs: tuple[str, ...]
+    supports_distributed: bool
+
+    @property
+    def path(self) -> Path:
+        return recipes_dir() / f"{self.name}.py"
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        name="lora_finetune_single_device",
+        configs=("tiny/lora_cpu", "llama3_1/8B_lora_single_device"),
+        supports_distributed=False,
+    ),
+)
+
+
+def recipes_dir() -> Path:
+    """Where the recipe scripts are, in a source checkout or an installed wheel alike."""
+    return Path(str(resources.files("tunelite._recipes")))
+
+
+def configs_dir() -> Path:
+    """Where the built-in YAML configs are, in a source checkout or an installed wheel alike."""
+    return Path(str(resources.files("tunelite._recipe_configs")))
+
+
+def get_recipe(name: str) -> Recipe | None:
+    return next((r for r in RECIPES if r.name == name), None)

@@ -1,0 +1,1 @@
+"""The `tunelite` command: ls, cp, run and validate, one module per subcommand."""

@@ -1,0 +1,66 @@
+"""Configs: load YAML, apply command-line overrides, validate, and build `_component_` nodes.
+
+Every recipe ends with `recipe_entry(main)`, so each one parses its command line the same way and
+a typo in the config is reported before any model loads.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tunelite.config.instantiate import instantiate, resolve_component
+from tunelite.config.loading import (
+    apply_overrides,
+    asset_path,
+    builtin_config_names,
+    interpolation_error,
+    load_config,
+    resolve_config_path,
+)
+from tunelite.config.validate import RECIPE_KEYS, validate_config
+from tunelite.errors import TuneliteError
+
+__all__ = [
+    "RECIPE_KEYS",
+    "apply_overrides",
+    "asset_path",
+    "builtin_config_names",
+    "instantiate",
+    "load_config",
+    "parse_recipe_args",
+    "recipe_entry",
+    "resolve_component",
+    "resolve_config_path",
+    "validate_config",
+]
+
+
+def parse_recipe_args(argv: Sequence[str] | None = None) -> DictConfig:
+    """Turn a recipe's `--config NAME_OR_PATH [key=value ...]` into a validated, resolved config."""
+    parser = argparse.ArgumentParser(
+        description="Run a tunelite recipe.",
+        epilog="Overrides: key=value sets a key, +key=value adds one, ~key deletes one.",
+    )
+    parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+    args = parser.parse_intermixed_args(argv)
+    path = resolve_config_path(args.config)
+    cfg = load_config(path, args.overrides)
+    validate_config(cfg, source=path)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        raise interpolation_error(error) from None
+    return cfg
+
+
+def recipe_entry(main: Callable[[DictConfig], None]) -> None:
+    """Run a recipe's `main` on its command line; a user's mistake exits 2 with one line, no traceback."""
+    try:
+        main(parse_recipe_args())
+    except TuneliteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

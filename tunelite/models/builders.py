@@ -1,0 +1,42 @@
+"""Turns a table of sizes into the `llama*`, `lora_llama*` builders configs name by `_component_`.
+
+Each family file states its sizes once and gets its builders from here, so families differ by
+numbers, never by copied builder code.
+"""
+
+from typing import Callable
+
+from tunelite.models.llama import LoRAArgs, ModelArgs, TransformerDecoder, llama, lora_llama
+
+
+def base_builder(args: ModelArgs, name: str) -> Callable[[], TransformerDecoder]:
+    def build() -> TransformerDecoder:
+        return llama(args)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{name}: the model at its pre-trained sizes, for full fine-tuning."
+    return build
+
+
+def lora_builder(args: ModelArgs, name: str) -> Callable[..., TransformerDecoder]:
+    def build(
+        lora_attn_modules: list[str],
+        apply_lora_to_mlp: bool = False,
+        apply_lora_to_output: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+    ) -> TransformerDecoder:
+        lora = LoRAArgs(
+            lora_attn_modules=tuple(lora_attn_modules),
+            apply_lora_to_mlp=apply_lora_to_mlp,
+            apply_lora_to_output=apply_lora_to_output,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+        )
+        return lora_llama(args, lora)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{name}: the model with low-rank adapters on the named projections."
+    return build

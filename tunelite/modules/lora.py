@@ -1,0 +1,74 @@
+"""Low-rank adapters: a frozen base weight plus a trainable B @ A, merged away at save time.
+
+`LoRALinear` keeps `nn.Linear`'s parameter name `weight` for the base, so a base checkpoint
+loads into a LoRA model with no key remapping; the adapters are the extra parameters
+`lora_a` (rank x in) and `lora_b` (out x rank).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_SUFFIXES = ("lora_a", "lora_b")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with B zero at init so a fresh adapter
+    leaves the model's outputs unchanged."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
+        self.scaling = alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim), requires_grad=False)
+        self.lora_a = nn.Parameter(torch.empty(rank, in_dim))
+        self.lora_b = nn.Parameter(torch.empty(out_dim, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not self.weight.is_meta:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialises the adapter only: the base weight comes from the checkpoint."""
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight)
+        return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
+
+
+def is_adapter_key(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES
+
+
+def set_trainable_params(model: nn.Module) -> None:
+    """Freezes everything but the adapters, so the optimizer and gradients cover only them."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_key(name))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights alone, in our names: the small part of a LoRA checkpoint."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Folds each adapter into its base weight (W + alpha/rank * B @ A) and drops the adapter keys,
+    giving a plain model's state dict that any Llama loader reads."""
+    merged = {}
+    for key, value in state_dict.items():
+        if is_adapter_key(key):
+            continue
+        prefix = key[: -len("weight")]
+        if key.endswith("weight") and prefix + "lora_a" in state_dict:
+            a, b = state_dict[prefix + "lora_a"], state_dict[prefix + "lora_b"]
+            delta = (b.float() @ a.float()) * (alpha / rank)
+            value = (value.float() + delta).to(value.dtype)
+        merged[key] = value
+    return merged

@@ -1,0 +1,51 @@
+"""Tiny models and HF-layout checkpoints, built by the tests themselves with a fixed seed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelite.checkpointing.hf import hf_config_from_model_args, save_hf_state_dict
+from tunelite.models.llama import ModelArgs, RopeScaling, llama
+
+TINY = ModelArgs(
+    vocab_size=300, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=160,
+    max_seq_len=64, rope_base=500_000.0,
+    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32),
+)
+
+
+def random_model(args: ModelArgs = TINY, seed: int = 0) -> torch.nn.Module:
+    """A model whose norms are random too, so a mis-mapped norm shows up in the logits."""
+    torch.manual_seed(seed)
+    model = llama(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
+    return model
+
+
+def write_hf_checkpoint(folder: Path, args: ModelArgs = TINY, seed: int = 0, shards: int = 1) -> torch.nn.Module:
+    """Writes a random model as an HF folder (sharded with an index when shards > 1); returns it."""
+    model = random_model(args, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if shards > 1:
+        from tunelite.checkpointing.hf import ours_to_hf
+
+        keys = list(state)
+        per = -(-len(keys) // shards)
+        weight_map = {ours_to_hf(k): f"model-{i // per + 1:05d}-of-{shards:05d}.safetensors" for i, k in enumerate(keys)}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        save_hf_state_dict(state, folder, source_dir=folder, dtype=torch.float32)
+    else:
+        save_hf_state_dict(state, folder, source_dir=None, dtype=torch.float32)
+    (folder / "config.json").write_text(json.dumps(hf_config_from_model_args(args, torch.float32)))
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    folder = tmp_path / "base"
+    return folder, write_hf_checkpoint(folder)

@@ -1,0 +1,104 @@
+"""Adapters in peft's on-disk layout, the format the ecosystem loads with `PeftModel.from_pretrained`.
+
+Our `layers.N.attn.q_proj.lora_a` becomes peft's
+`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, and `adapter_config.json`
+names the HF modules the adapters sit on.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tunelite.checkpointing.atomic import atomic_folder
+from tunelite.checkpointing.hf import HFCheckpointer, read_safetensors, hf_to_ours, ours_to_hf
+from tunelite.errors import CheckpointError
+from tunelite.modules.lora import LoRALinear, merge_lora_state_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+_SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+
+
+def peft_key(our_key: str) -> str:
+    module, suffix = our_key.rsplit(".", 1)
+    hf_module = ours_to_hf(module + ".weight")[: -len(".weight")]
+    return _PEFT_PREFIX + hf_module + "." + _SUFFIX_TO_PEFT[suffix]
+
+
+def load_peft_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A peft adapter folder as our adapter state dict and its adapter_config.json."""
+    folder = Path(folder)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing: not a peft adapter folder")
+    theirs = read_safetensors(folder / ADAPTER_WEIGHTS)
+    back = {v: k for k, v in _SUFFIX_TO_PEFT.items()}
+    ours = {}
+    for key, value in theirs.items():
+        module, lora_name, _ = key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)
+        suffix = lora_name + ".weight"
+        if suffix not in back:
+            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA A or B matrix")
+        our_module = hf_to_ours(module + ".weight")
+        if our_module is None:
+            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {key!r} sits on a module tunelite does not know")
+        ours[our_module.removesuffix("weight") + back[suffix]] = value
+    return ours, json.loads((folder / ADAPTER_CONFIG).read_text())
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def peft_adapter_config(model: nn.Module, base_model_name_or_path: str) -> dict:
+    """peft's LoraConfig fields for the adapters this model carries."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA adapters to export")
+    first = next(iter(modules.values()))
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    targets = sorted({ours_to_hf(name + ".weight")[: -len(".weight")].rsplit(".", 1)[-1] for name in modules})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def save_peft_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str) -> None:
+    """Writes `adapter_model.safetensors` and `adapter_config.json` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in lora_modules(model).items():
+        for suffix in ("lora_a", "lora_b"):
+            tensors[peft_key(f"{name}.{suffix}")] = getattr(module, suffix).detach().cpu().contiguous()
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = peft_adapter_config(model, base_model_name_or_path)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def save_lora_outputs(model: nn.Module, checkpointer: HFCheckpointer, folder: Path, save_merged: bool) -> None:
+    """The folder a LoRA run leaves: `adapter/` in peft layout and, if asked, `model/`, the merged
+    weights in the base checkpoint's HF layout. Written atomically."""
+    with atomic_folder(folder) as tmp:
+        save_peft_adapter(model, tmp / "adapter", base_model_name_or_path=str(checkpointer.checkpoint_dir))
+        if save_merged:
+            first = next(iter(lora_modules(model).values()))
+            merged = merge_lora_state_dict(model.state_dict(), first.rank, first.alpha)
+            checkpointer.save(merged, tmp / "model")

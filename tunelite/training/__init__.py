@@ -1,0 +1,1 @@
+"""What every recipe shares: devices, seeding, model loading, schedules, logging."""

@@ -1,0 +1,55 @@
+"""Builds a model on the meta device and fills it from a checkpoint, as gpt-fast and torchtitan do.
+
+No random initialisation of weights that are about to be overwritten, and no second copy of
+the model in memory: checkpoint tensors are assigned into the module, and only what the
+checkpoint lacks (adapters, rotary frequencies) is created and initialised afterwards.
+"""
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from tunelite.checkpointing.hf import HFCheckpointer
+from tunelite.config import instantiate
+from tunelite.errors import CheckpointError
+from tunelite.models.llama import TransformerDecoder
+from tunelite.modules.lora import is_adapter_key
+
+
+def materialize_meta_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Gives every tensor still on the meta device real storage, then lets its module initialise it."""
+    for module in model.modules():
+        meta_params = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+        meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        for name in meta_params:
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(torch.empty_like(old, device=device, dtype=dtype), old.requires_grad))
+        for name in meta_buffers:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+        if meta_params or meta_buffers:
+            module.reset_parameters()
+
+
+def load_pretrained_model(
+    model_cfg: DictConfig, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
+) -> TransformerDecoder:
+    """The configured model with the checkpoint's base weights, adapters freshly initialised."""
+    with torch.device("meta"):
+        model = instantiate(model_cfg)
+    return load_checkpoint_into(model, checkpointer, device, dtype)
+
+
+def load_checkpoint_into(
+    model: TransformerDecoder, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
+) -> TransformerDecoder:
+    """Fills a meta-device model with the checkpoint's weights and initialises what it lacks."""
+    state = {k: v.to(device=device, dtype=dtype) for k, v in checkpointer.load(model.args).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not is_adapter_key(k)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpointer.checkpoint_dir}: weights do not fit the model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    materialize_meta_tensors(model, device, dtype)
+    return model

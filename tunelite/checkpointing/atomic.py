@@ -1,17 +1,23 @@
-"""Atomic folders: a checkpoint folder that exists is complete, whatever moment the run died.
+"""Atomic, verifiable checkpoint folders: a folder that exists is complete, whenever the run died.
 
-Everything is written into a hidden temporary sibling, each file is fsynced, then the folder is
-renamed into place and the parent directory fsynced, so the rename itself survives a crash.
+Everything is written into a hidden temporary sibling, a manifest of every file and its size is
+added, each file is fsynced, then the folder is renamed into place and the parent directory
+fsynced so the rename itself survives a crash. Loading checks the manifest, so a file deleted
+or truncated afterwards is named instead of failing somewhere inside torch.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
 
+from tunelite.errors import CheckpointError
+
 TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
 
 
 def fsync_dir(path: Path) -> None:
@@ -22,12 +28,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(Path(root) / name, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(root))
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in _files(folder) + [folder / MANIFEST]:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    for sub in sorted({p.parent for p in _files(folder)} | {folder}):
+        fsync_dir(sub)
 
 
 @contextlib.contextmanager
@@ -39,7 +49,9 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        fsync_tree(tmp)
+        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
+        _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -51,3 +63,26 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_folder(folder: Path) -> None:
+    """Raises naming the first file that is missing or whose size differs from the manifest."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing: {folder} was not written by tunelite or is incomplete")
+    for name, size in json.loads(manifest_path.read_text())["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint; resume from an earlier step_* folder")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"{path} is {path.stat().st_size} bytes but was written with {size}: it is truncated or altered; "
+                "resume from an earlier step_* folder"
+            )
+
+
+def remove_stale_temporaries(parent: Path) -> None:
+    """Deletes the leftovers of writes a killed run never finished."""
+    for path in Path(parent).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)

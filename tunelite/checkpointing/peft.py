@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelite.checkpointing.atomic import atomic_folder
-from tunelite.checkpointing.hf import HFCheckpointer, read_safetensors, hf_to_ours, ours_to_hf
+from tunelite.checkpointing.hf import read_safetensors, hf_to_ours, ours_to_hf
 from tunelite.errors import CheckpointError
-from tunelite.modules.lora import LoRALinear, merge_lora_state_dict
+from tunelite.modules.lora import LoRALinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,6 +47,34 @@ def load_peft_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {key!r} sits on a module tunelite does not know")
         ours[our_module.removesuffix("weight") + back[suffix]] = value
     return ours, json.loads((folder / ADAPTER_CONFIG).read_text())
+
+
+def load_adapter_into(model: nn.Module, folder: Path) -> None:
+    """Copies a peft adapter folder's weights into the model's adapters, to continue training them.
+
+    Refuses, naming the folder, when the adapter was made for other modules, rank or alpha."""
+    adapter, config = load_peft_adapter(folder)
+    modules = lora_modules(model)
+    first = next(iter(modules.values()))
+    if config.get("r") != first.rank or float(config.get("lora_alpha", 0)) != float(first.alpha):
+        raise CheckpointError(
+            f"{Path(folder) / ADAPTER_CONFIG}: adapter has r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
+            f"but the model has lora_rank={first.rank}, lora_alpha={first.alpha}; set them to match the adapter"
+        )
+    ours = {f"{name}.{s}": getattr(m, s) for name, m in modules.items() for s in ("lora_a", "lora_b")}
+    if adapter.keys() != ours.keys():
+        only_file, only_model = sorted(adapter.keys() - ours.keys()), sorted(ours.keys() - adapter.keys())
+        raise CheckpointError(
+            f"{Path(folder) / ADAPTER_WEIGHTS} covers other modules than the model's adapters (only in the file: "
+            f"{only_file[:3]}, only in the model: {only_model[:3]}); make lora_attn_modules, apply_lora_to_mlp and "
+            "apply_lora_to_output match the run that wrote it"
+        )
+    with torch.no_grad():
+        for key, param in ours.items():
+            if adapter[key].shape != param.shape:
+                raise CheckpointError(f"{Path(folder) / ADAPTER_WEIGHTS}: {key} has shape {tuple(adapter[key].shape)}, "
+                                      f"the model's is {tuple(param.shape)}")
+            param.copy_(adapter[key])
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -92,13 +119,3 @@ def save_peft_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: 
     config = peft_adapter_config(model, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
-
-def save_lora_outputs(model: nn.Module, checkpointer: HFCheckpointer, folder: Path, save_merged: bool) -> None:
-    """The folder a LoRA run leaves: `adapter/` in peft layout and, if asked, `model/`, the merged
-    weights in the base checkpoint's HF layout. Written atomically."""
-    with atomic_folder(folder) as tmp:
-        save_peft_adapter(model, tmp / "adapter", base_model_name_or_path=str(checkpointer.checkpoint_dir))
-        if save_merged:
-            first = next(iter(lora_modules(model).values()))
-            merged = merge_lora_state_dict(model.state_dict(), first.rank, first.alpha)
-            checkpointer.save(merged, tmp / "model")

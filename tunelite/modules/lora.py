@@ -72,3 +72,9 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int, alpha:
             value = (value.float() + delta).to(value.dtype)
         merged[key] = value
     return merged
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter folded in: what a merged export writes."""
+    first = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    return merge_lora_state_dict(model.state_dict(), first.rank, first.alpha)

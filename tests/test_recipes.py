@@ -14,9 +14,16 @@ from tunelite.modules.lora import merge_lora_state_dict
 from tunelite.recipe_registry import RECIPES, configs_dir
 
 
-@pytest.mark.parametrize("name", [c for r in RECIPES for c in r.configs])
+SHIPPED = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_validates(name):
     validate_config(load_config(configs_dir() / f"{name}.yaml"))
+
+
+def test_every_shipped_config_is_listed_under_a_recipe():
+    assert sorted(c for r in RECIPES for c in r.configs) == SHIPPED
 
 
 def test_validate_names_the_key_path_of_a_typo(tmp_path, capsys):

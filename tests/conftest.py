@@ -1,5 +1,6 @@
 """Tiny models and HF-layout checkpoints, built by the tests themselves with a fixed seed."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,13 +8,26 @@ import pytest
 import torch
 
 from tunelite.checkpointing.hf import hf_config_from_model_args, save_hf_state_dict
-from tunelite.models.llama import ModelArgs, RopeScaling, llama
+from tunelite.models.llama import ModelArgs, llama
+from tunelite.models.llama3_1 import LLAMA3_1_8B
 
-TINY = ModelArgs(
-    vocab_size=300, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=160,
-    max_seq_len=64, rope_base=500_000.0,
-    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32),
-)
+
+def tiny_of(family: ModelArgs, vocab_size: int, num_heads: int, num_kv_heads: int) -> ModelArgs:
+    """A family's structure at CPU size: its RoPE base and scaling, norm eps and tying are kept,
+    heads are 16 wide, and the window shrinks to 64 positions with RoPE scaling from 48, so a
+    test sequence of 128 runs past both, as real use runs past 8192. At base 500,000 the
+    rotation wavelengths are 6.3, 32.5, 168, ... positions: one below 48/4 (kept), one between
+    48/4 and 48 (smoothed), the rest above 48 (divided by the factor), so every branch of
+    Llama 3's RoPE scaling is exercised."""
+    scaling = family.rope_scaling
+    return dataclasses.replace(
+        family, vocab_size=vocab_size, num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        embed_dim=16 * num_heads, intermediate_dim=160, max_seq_len=64, head_dim=None,
+        rope_scaling=dataclasses.replace(scaling, original_max_position_embeddings=48) if scaling else None,
+    )
+
+
+TINY = tiny_of(LLAMA3_1_8B, vocab_size=300, num_heads=4, num_kv_heads=2)
 
 
 def random_model(args: ModelArgs = TINY, seed: int = 0) -> torch.nn.Module:

@@ -181,7 +181,7 @@ def test_run_with_torchrun_flags_launches_torch_distributed_run(
 
 def test_run_unknown_recipe_suggests_close_match(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "lora_finetune_single_devic", "--config", str(good_config)]) == 2
-    assert "did you mean lora_finetune_single_device?" in capsys.readouterr().err
+    assert "did you mean lora_finetune_single_device" in capsys.readouterr().err
 
 
 def test_validate_passes_good_config(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,24 +1,165 @@
-"""Our Llama must be Hugging Face's Llama: same weights in, same logits out."""
+"""Our Llama must be Hugging Face's Llama for every family users bring (3.1, 3.2 tied, 2): the
+same sizes as the official config.json, the same weights in, the same logits out, and what we
+write back, fine-tuned or not, is what transformers reads."""
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import transformers
 
-from conftest import TINY, write_hf_checkpoint
-from tunelite.checkpointing.hf import HFCheckpointer
-from tunelite.models.llama import llama
+from conftest import TINY, tiny_of, write_hf_checkpoint
+from tunelite import models
+from tunelite.checkpointing.hf import (
+    HFCheckpointer,
+    model_args_from_hf_config,
+    read_safetensors,
+    save_hf_state_dict,
+    weight_files,
+)
+from tunelite.models.llama import LoRAArgs, ModelArgs, TransformerDecoder, llama, lora_llama
+from tunelite.models.llama2 import LLAMA2_7B
+from tunelite.models.llama3_2 import LLAMA3_2_3B
+from tunelite.modules.lora import LoRALinear, merge_lora_state_dict
 from tunelite.training.model_loading import load_checkpoint_into
 
+# Each family's structure at CPU size: GQA or MHA, tied or not, RoPE scaled or plain. Llama 2's
+# vocabulary is SentencePiece-sized (the size of the tokenizer tests' model), not a power of two.
+FAMILIES = {
+    "llama3_1-gqa-rope_scaled": TINY,
+    "llama3_2-gqa-tied-rope_scaled": tiny_of(LLAMA3_2_3B, vocab_size=300, num_heads=6, num_kv_heads=2),
+    "llama2-mha-plain_rope": tiny_of(LLAMA2_7B, vocab_size=450, num_heads=4, num_kv_heads=4),
+}
+each_family = pytest.mark.parametrize("args", FAMILIES.values(), ids=FAMILIES.keys())
+SHORT, LONG = 16, 128  # LONG runs past the tiny window (64) and the original one its RoPE scaling starts from (48)
 
-@pytest.mark.parametrize("seq_len", [16, 3 * TINY.rope_scaling.original_max_position_embeddings])
-def test_llama3_1_logits_match_transformers(tmp_path, seq_len):
-    folder = tmp_path / "ckpt"
-    write_hf_checkpoint(folder, shards=2)
-    theirs = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+# The fields of each official config.json that set the architecture, as published on the Hub,
+# with each model card's parameter count.
+OFFICIAL = {
+    "llama3_1_8b": (8_030_261_248, {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE, "tie_word_embeddings": False}),
+    "llama3_2_1b": (1_235_814_400, {
+        "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0},
+        "tie_word_embeddings": True}),
+    "llama3_2_3b": (3_212_749_824, {
+        "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+        "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0},
+        "tie_word_embeddings": True}),
+    # Llama 2's files state no rope_theta: transformers' default, 10000, applies.
+    "llama2_7b": (6_738_415_616, {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False}),
+    "llama2_13b": (13_015_864_320, {
+        "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+        "num_attention_heads": 40, "num_key_value_heads": 40, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False}),
+}
+
+
+def tokens_for(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """Random ids that include both ends of the vocabulary, so a row lost or shifted in the
+    embedding or output mapping shows up."""
+    tokens = torch.randint(0, args.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    tokens[0, :4] = torch.tensor([0, 1, 2, args.vocab_size - 1])
+    return tokens
+
+
+def ours_from(folder: Path, model: TransformerDecoder) -> TransformerDecoder:
+    """Fills a meta-device model from an HF folder through the checkpointer, as the recipes do."""
+    return load_checkpoint_into(model, HFCheckpointer(str(folder)), torch.device("cpu"), torch.float32).eval()
+
+
+def meta(build: Callable[..., TransformerDecoder], *build_args: object) -> TransformerDecoder:
+    """A model with no storage yet, as the recipes build one before loading the checkpoint."""
     with torch.device("meta"):
-        ours = llama(TINY)
-    load_checkpoint_into(ours, HFCheckpointer(str(folder)), torch.device("cpu"), torch.float32).eval()
-    tokens = torch.randint(0, TINY.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        return build(*build_args)
+
+
+def theirs_from(folder: Path) -> transformers.LlamaForCausalLM:
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def max_diff(a: torch.nn.Module, b: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """Largest logit difference of two models, ours or transformers' (whose output has `.logits`)."""
     with torch.no_grad():
-        diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
-    assert diff <= 1e-4
+        la, lb = (getattr(out, "logits", out) for out in (a(tokens), b(tokens)))
+    return (la - lb).abs().max().item()
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder under its HF name, as transformers sees it."""
+    return {k: v for f in weight_files(folder) for k, v in read_safetensors(f).items()}
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_builders_have_the_official_sizes_and_parameter_counts(name):
+    params, official = OFFICIAL[name]
+    model = meta(getattr(models, name))
+    ours, theirs = model.args, model_args_from_hf_config(official)
+    assert dataclasses.replace(ours, head_dim=ours.resolved_head_dim) == dataclasses.replace(
+        theirs, head_dim=theirs.resolved_head_dim)
+    # A tied model must not count (or store) its output projection twice.
+    assert sum(p.numel() for p in model.parameters()) == params
+    lora = meta(getattr(models, f"lora_{name}"), ["q_proj", "v_proj"])
+    assert lora.args == model.args
+
+
+@each_family
+@pytest.mark.parametrize("seq_len", [SHORT, LONG])
+def test_logits_match_transformers(tmp_path, args, seq_len):
+    folder = tmp_path / "ckpt"
+    write_hf_checkpoint(folder, args, shards=2)
+    ours = ours_from(folder, meta(llama, args))
+    assert max_diff(ours, theirs_from(folder), tokens_for(args, seq_len)) <= 1e-4
+
+
+@each_family
+def test_saved_folder_is_the_downloaded_one_and_transformers_reads_it(tmp_path, args):
+    source, out = tmp_path / "source", tmp_path / "out"
+    write_hf_checkpoint(source, args)
+    ours = ours_from(source, meta(llama, args))
+    save_hf_state_dict(ours.state_dict(), out, source)
+
+    written, original = hf_tensors(out), hf_tensors(source)
+    assert written.keys() == original.keys()
+    assert ("lm_head.weight" in written) is not args.tie_word_embeddings
+    assert written["model.embed_tokens.weight"].shape[0] == args.vocab_size
+    for key, value in original.items():
+        assert torch.equal(written[key], value), key
+    assert max_diff(ours, theirs_from(out), tokens_for(args, LONG)) <= 1e-4
+
+
+@each_family
+def test_merged_lora_gives_the_unmerged_logits_in_our_model_and_in_transformers(tmp_path, args):
+    base_folder, merged_folder = tmp_path / "base", tmp_path / "merged"
+    base = write_hf_checkpoint(base_folder, args).eval()
+    lora_args = LoRAArgs(lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True,
+                         apply_lora_to_output=not args.tie_word_embeddings, lora_rank=4, lora_alpha=8.0)
+    torch.manual_seed(1)
+    lora = ours_from(base_folder, meta(lora_llama, args, lora_args))
+    adapted = [m for m in lora.modules() if isinstance(m, LoRALinear)]
+    assert len(adapted) == args.num_layers * 7 + (not args.tie_word_embeddings)
+    with torch.no_grad():
+        for m in adapted:
+            m.lora_b.normal_(0, 0.1)
+    tokens = tokens_for(args, LONG)
+    assert max_diff(lora, base, tokens) > 1e-2
+
+    merged_state = merge_lora_state_dict(lora.state_dict(), rank=lora_args.lora_rank, alpha=lora_args.lora_alpha)
+    merged = llama(args)
+    merged.load_state_dict(merged_state)
+    assert max_diff(merged.eval(), lora, tokens) <= 1e-5
+
+    save_hf_state_dict(merged_state, merged_folder, base_folder)
+    assert ("lm_head.weight" in hf_tensors(merged_folder)) is not args.tie_word_embeddings
+    assert max_diff(theirs_from(merged_folder), lora, tokens) <= 1e-4

@@ -19,3 +19,7 @@ class DataError(TuneliteError):
 
 class CheckpointError(TuneliteError):
     """A checkpoint folder is missing, incomplete, or does not match the model."""
+
+
+class ResourceError(TuneliteError):
+    """The machine ran short (GPU memory, disk space) for what the config asks."""

@@ -22,7 +22,20 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
         name="lora_finetune_single_device",
-        configs=("tiny/lora_cpu", "llama3_1/8B_lora_single_device"),
+        configs=(
+            "tiny/lora_cpu",
+            "tiny/qlora_cpu",
+            "llama3_1/8B_lora_single_device",
+            "llama3_1/8B_qlora_single_device",
+            "llama3_2/1B_lora_single_device",
+            "llama3_2/3B_lora_single_device",
+            "llama2/7B_lora_single_device",
+        ),
+        supports_distributed=False,
+    ),
+    Recipe(
+        name="full_finetune_single_device",
+        configs=("tiny/full_cpu", "llama3_1/8B_full_single_device"),
         supports_distributed=False,
     ),
 )

@@ -257,5 +257,6 @@ class HFCheckpointer:
         self.source_dtype = next(iter(state.values())).dtype
         return state
 
-    def save(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        save_hf_state_dict(state_dict, out_dir, Path(self.checkpoint_dir), self.source_dtype)
+    def save(self, state_dict: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype | None = None) -> None:
+        """Writes in `dtype`, by default the dtype the base checkpoint was stored in."""
+        save_hf_state_dict(state_dict, out_dir, Path(self.checkpoint_dir), dtype or self.source_dtype)

@@ -78,8 +78,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_training_state(
     folder: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: Any,
+    scheduler: Any,
     progress: Progress,
     fingerprint: dict[str, Any],
 ) -> None:
@@ -95,8 +95,8 @@ def save_training_state(
 
 def load_training_state(
     folder: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: Any,
+    scheduler: Any,
     fingerprint: dict[str, Any],
 ) -> Progress:
     """Restores optimizer, scheduler and RNG; refuses when the run's data settings changed, since
@@ -125,8 +125,8 @@ def save_checkpoint(
     output_dir: Path,
     progress: Progress,
     write_weights: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: Any,
+    scheduler: Any,
     fingerprint: dict[str, Any],
     keep_last_n: int | None,
 ) -> Path:

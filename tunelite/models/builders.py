@@ -18,7 +18,9 @@ def base_builder(args: ModelArgs, name: str) -> Callable[[], TransformerDecoder]
     return build
 
 
-def lora_builder(args: ModelArgs, name: str) -> Callable[..., TransformerDecoder]:
+def lora_builder(args: ModelArgs, name: str, quantize_base: bool = False) -> Callable[..., TransformerDecoder]:
+    """The `lora_*` builder of a size, or with `quantize_base` its `qlora_*` twin (NF4 base weights)."""
+
     def build(
         lora_attn_modules: list[str],
         apply_lora_to_mlp: bool = False,
@@ -34,9 +36,12 @@ def lora_builder(args: ModelArgs, name: str) -> Callable[..., TransformerDecoder
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
+            quantize_base=quantize_base,
         )
         return lora_llama(args, lora)
 
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"{name}: the model with low-rank adapters on the named projections."
+    build.__doc__ = f"{name}: the model with low-rank adapters on the named projections" + (
+        ", its frozen base weights stored in 4-bit NF4 (QLoRA)." if quantize_base else "."
+    )
     return build

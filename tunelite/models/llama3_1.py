@@ -23,7 +23,10 @@ LLAMA3_1_TINY = ModelArgs(
 
 llama3_1_8b = base_builder(LLAMA3_1_8B, "llama3_1_8b")
 lora_llama3_1_8b = lora_builder(LLAMA3_1_8B, "lora_llama3_1_8b")
+qlora_llama3_1_8b = lora_builder(LLAMA3_1_8B, "qlora_llama3_1_8b", quantize_base=True)
 llama3_1_70b = base_builder(LLAMA3_1_70B, "llama3_1_70b")
 lora_llama3_1_70b = lora_builder(LLAMA3_1_70B, "lora_llama3_1_70b")
+qlora_llama3_1_70b = lora_builder(LLAMA3_1_70B, "qlora_llama3_1_70b", quantize_base=True)
 llama3_1_tiny = base_builder(LLAMA3_1_TINY, "llama3_1_tiny")
 lora_llama3_1_tiny = lora_builder(LLAMA3_1_TINY, "lora_llama3_1_tiny")
+qlora_llama3_1_tiny = lora_builder(LLAMA3_1_TINY, "qlora_llama3_1_tiny", quantize_base=True)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelite.modules.nf4 import dequantize, frozen_linear, quantize_nf4
+
 ADAPTER_SUFFIXES = ("lora_a", "lora_b")
 
 
@@ -18,16 +20,22 @@ class LoRALinear(nn.Module):
     """y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with B zero at init so a fresh adapter
     leaves the model's outputs unchanged."""
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0, quantize_base: bool = False
+    ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
         self.scaling = alpha / rank
+        # QLoRA: the loader stores the base weight in NF4 (see training/model_loading.py).
+        self.quantize_base = quantize_base
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim), requires_grad=False)
         self.lora_a = nn.Parameter(torch.empty(rank, in_dim))
         self.lora_b = nn.Parameter(torch.empty(out_dim, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if quantize_base:
+                self.weight = nn.Parameter(quantize_nf4(self.weight.detach()), requires_grad=False)
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -36,7 +44,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)
+        base = frozen_linear(x, self.weight)
         return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
 
     def extra_repr(self) -> str:
@@ -65,11 +73,11 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int, alpha:
     for key, value in state_dict.items():
         if is_adapter_key(key):
             continue
+        value = dequantize(value)
         prefix = key[: -len("weight")]
         if key.endswith("weight") and prefix + "lora_a" in state_dict:
             a, b = state_dict[prefix + "lora_a"], state_dict[prefix + "lora_b"]
-            delta = (b.float() @ a.float()) * (alpha / rank)
-            value = (value.float() + delta).to(value.dtype)
+            value = (value.float() + (b.float() @ a.float()) * (alpha / rank)).to(value.dtype)
         merged[key] = value
     return merged
 

@@ -1,8 +1,10 @@
 """Device, precision and memory facts every recipe reports the same way."""
 
+import resource
+
 import torch
 
-from tunelite.errors import ConfigError
+from tunelite.errors import ConfigError, ResourceError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -28,11 +30,34 @@ def get_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def peak_memory_gib(device: torch.device) -> dict[str, float]:
-    """Peak allocated and reserved GPU memory since the last reset, in GiB (empty on the CPU)."""
-    if device.type != "cuda":
-        return {}
-    return {
-        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-    }
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory (allocated and reserved, since the last reset) and the process's peak host
+    memory, in GiB: what decides whether a config fits a card and a PC."""
+    stats = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        stats["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return stats
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring peaks from here: training's peak, not loading's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def oom_advice(
+    error: torch.OutOfMemoryError, batch_size: int, gradient_accumulation_steps: int, activation_checkpointing: bool
+) -> ResourceError:
+    """What to change after a CUDA out-of-memory error, instead of only the allocator's traceback."""
+    tips = []
+    if batch_size > 1:
+        tips.append(f"batch_size={batch_size // 2} gradient_accumulation_steps={gradient_accumulation_steps * 2} "
+                    "(same effective batch, half the activations)")
+    tips.append("a shorter tokenizer.max_seq_len (activations grow with sequence length)")
+    if not activation_checkpointing:
+        tips.append("enable_activation_checkpointing=True (recompute activations instead of storing them)")
+    tips.append("a QLoRA config (base weights in 4 bits) for LoRA, or, for full fine-tuning, "
+                "optimizer_in_bwd=True or an offloaded optimizer (tunelite.training.optimizers.cpu_offload_optimizer)")
+    return ResourceError("the GPU ran out of memory. Try, in this order:\n  - " + "\n  - ".join(tips)
+                         + f"\n(torch said: {str(error).splitlines()[0]})")

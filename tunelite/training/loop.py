@@ -12,6 +12,8 @@ from tunelite.data.collate import padded_collate
 from tunelite.errors import ConfigError
 from tunelite.modules.loss import IGNORE_INDEX
 from tunelite.training.metric_logging import MetricLoggers
+from tunelite.training.device import memory_stats
+from tunelite.training.progress import progress_bar
 from tunelite.training.sampler import ResumableSampler
 
 
@@ -54,16 +56,64 @@ def next_window(batches: Iterator[dict[str, torch.Tensor]], size: int) -> tuple[
     return window, int(sum((b["labels"] != IGNORE_INDEX).sum() for b in window))
 
 
-def build_metric_logger(node: DictConfig | ListConfig) -> MetricLoggers:
-    nodes = list(node) if isinstance(node, ListConfig) else [node]
+def forward_backward(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor], num_labels: int, device: torch.device
+) -> torch.Tensor:
+    """One micro-batch's forward and backward, its loss weighted by its share of the step's
+    labelled tokens; returns that weighted loss (detached) for logging."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+    loss = loss_fn(hidden, batch["labels"], model.output)
+    share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
+    (loss * share).backward()
+    return loss.detach() * share
+
+
+class StepReporter:
+    """Turns each optimizer step into the progress bar's postfix and, every `log_every` steps, a
+    metrics row (loss, lr, tokens/s, grad norm, peak memory) for the configured loggers."""
+
+    def __init__(self, logger: MetricLoggers, total_steps: int, initial_step: int, device: torch.device,
+                 log_every: int, log_memory: bool) -> None:
+        self.logger, self.total_steps, self.device = logger, total_steps, device
+        self.log_every, self.log_memory = log_every, log_memory
+        self.bar = progress_bar(total_steps, initial=initial_step)
+
+    def report(self, step: int, epoch: int, loss: torch.Tensor, lr: float, num_tokens: int, seconds: float,
+               grad_norm: torch.Tensor | None) -> None:
+        metrics = {"loss": loss.item(), "lr": lr, "tokens_per_s": num_tokens / seconds}
+        self.bar.update(1)
+        self.bar.set_postfix(format_metrics(metrics))
+        if step % self.log_every == 0 or step == self.total_steps:
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm.item()
+            if self.log_memory:
+                metrics.update(memory_stats(self.device))
+            self.logger.log_dict({"epoch": epoch, **metrics}, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def optimizer_step(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, window: list[dict[str, torch.Tensor]], num_labels: int,
+    optimizer: Any, clip_grad_norm: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward over the step's micro-batches, clip, step; returns the step's loss and
+    the gradient norm before clipping (None without clipping)."""
+    device = model.tok_embeddings.weight.device
+    step_loss = sum(forward_backward(model, loss_fn, batch, num_labels, device) for batch in window)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip_grad_norm) if clip_grad_norm else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def build_metric_logger(node: DictConfig | ListConfig | list) -> MetricLoggers:
+    nodes = list(node) if isinstance(node, (ListConfig, list)) else [node]
     return MetricLoggers([instantiate(n) for n in nodes])
-
-
-def compile_layers(model: torch.nn.Module) -> None:
-    """Compiles each transformer layer on its own: one graph reused 32 times keeps compile time
-    short, and the loop and loss stay eager."""
-    for layer in model.layers:
-        layer.compile()
 
 
 def format_metrics(metrics: dict[str, Any]) -> dict[str, str]:

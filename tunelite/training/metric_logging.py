@@ -73,3 +73,28 @@ class MetricLoggers:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+class WandBLogger:
+    """Weights & Biases: project, entity, run name and tags from the config, the whole resolved
+    config recorded with the run. `WANDB_MODE=offline` (or `mode: offline`) writes the run to
+    `log_dir` for a later `wandb sync`, with no network."""
+
+    def __init__(
+        self, project: str, entity: str | None = None, name: str | None = None, tags: list[str] | None = None,
+        log_dir: str | None = None, mode: str | None = None,
+    ) -> None:
+        import wandb
+
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, entity=entity, name=name, tags=tags, dir=log_dir, mode=mode)
+
+    def log_config(self, config: DictConfig) -> None:
+        self.run.config.update(OmegaConf.to_container(config, resolve=True), allow_val_change=True)
+
+    def log_dict(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()

@@ -5,15 +5,18 @@ the model in memory: checkpoint tensors are assigned into the module, and only w
 checkpoint lacks (adapters, rotary frequencies) is created and initialised afterwards.
 """
 
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from tunelite.checkpointing.hf import HFCheckpointer
+from tunelite.checkpointing.hf import HFCheckpointer, load_hf_state_dict
 from tunelite.config import instantiate
 from tunelite.errors import CheckpointError
-from tunelite.models.llama import TransformerDecoder
+from tunelite.models.llama import TransformerDecoder, set_activation_checkpointing
 from tunelite.modules.lora import is_adapter_key
+from tunelite.modules.nf4 import quantize_nf4
 
 
 def materialize_meta_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -31,19 +34,32 @@ def materialize_meta_tensors(model: nn.Module, device: torch.device, dtype: torc
 
 
 def load_pretrained_model(
-    model_cfg: DictConfig, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
+    model_cfg: DictConfig, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype,
+    activation_checkpointing: bool = False, compile: bool = False,
 ) -> TransformerDecoder:
-    """The configured model with the checkpoint's base weights, adapters freshly initialised."""
+    """The configured model with the checkpoint's base weights, adapters freshly initialised,
+    ready to train: activation checkpointing and per-layer compilation as asked."""
     with torch.device("meta"):
         model = instantiate(model_cfg)
-    return load_checkpoint_into(model, checkpointer, device, dtype)
+    load_checkpoint_into(model, checkpointer, device, dtype)
+    set_activation_checkpointing(model, 1 if activation_checkpointing else 0)
+    if compile:
+        compile_layers(model)
+    return model
 
 
 def load_checkpoint_into(
     model: TransformerDecoder, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
 ) -> TransformerDecoder:
-    """Fills a meta-device model with the checkpoint's weights and initialises what it lacks."""
-    state = {k: v.to(device=device, dtype=dtype) for k, v in checkpointer.load(model.args).items()}
+    """Fills a meta-device model with the checkpoint's weights and initialises what it lacks.
+
+    Weights of QLoRA layers are quantized to NF4 as each one reaches the device, so the model in
+    bf16 never exists whole in GPU memory."""
+    quantized = {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "quantize_base", False)}
+    state = {}
+    for key, value in checkpointer.load(model.args).items():
+        value = value.to(device=device, dtype=dtype)
+        state[key] = quantize_nf4(value) if key in quantized else value
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not is_adapter_key(k)]
     if missing or unexpected:
@@ -53,3 +69,18 @@ def load_checkpoint_into(
         )
     materialize_meta_tensors(model, device, dtype)
     return model
+
+
+def compile_layers(model: TransformerDecoder) -> None:
+    """Compiles each transformer layer on its own: one graph reused for every layer keeps compile
+    time short, and the loop and loss stay eager."""
+    for layer in model.layers:
+        layer.compile()
+
+
+def restore_weights(model: nn.Module, folder: Path) -> None:
+    """Copies the weights of an HF-layout folder written by a full fine-tune back into the model."""
+    state = load_hf_state_dict(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,14 +1,42 @@
-"""Learning-rate schedules, as plain functions returning a torch LR scheduler."""
+"""Learning-rate schedules, as plain functions returning a small schedule object.
+
+Not torch's LambdaLR: that insists on a `torch.optim.Optimizer`, and the optimizers that make a
+full fine-tune fit (torchao's CPUOffloadOptimizer, optimizer-in-backward) are not one. This sets
+`lr` in any object's `param_groups`.
+"""
 
 import math
+from typing import Any, Callable
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+
+class LambdaSchedule:
+    """lr = initial lr x factor(step), with step counting optimizer steps done."""
+
+    def __init__(self, optimizer: Any, factor: Callable[[int], float]) -> None:
+        self.optimizer, self.factor = optimizer, factor
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_step)
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step, self.base_lrs = state["last_step"], state["base_lrs"]
+        self._apply()
 
 
 def cosine_schedule_with_warmup(
-    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5
-) -> LambdaLR:
+    optimizer: Any, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5
+) -> LambdaSchedule:
     """Linear warm-up then cosine decay to zero; the recipe passes num_training_steps."""
 
     def factor(step: int) -> float:
@@ -17,4 +45,5 @@ def cosine_schedule_with_warmup(
         progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
 
-    return LambdaLR(optimizer, factor)
+    return LambdaSchedule(optimizer, factor)
+

@@ -1,0 +1,66 @@
+"""Optimizer set-ups that let a full fine-tune of an 8B model fit a 24 GB card.
+
+Full gradients of 8B parameters in bf16 are 15 GiB on their own. `OptimizerInBackward` steps
+each parameter as soon as its gradient is complete and frees that gradient, so they never all
+exist; `cpu_offload_optimizer` keeps optimizer state (and, optionally, gradients) in host memory
+through torchao's CPUOffloadOptimizer.
+"""
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from tunelite.config import resolve_component
+
+
+class OptimizerInBackward:
+    """One optimizer per parameter, stepped from the parameter's post-accumulate-grad hook.
+
+    It offers what the recipe and the LR schedule use (`param_groups`, `step`, `zero_grad`,
+    `state_dict`, `load_state_dict`); `step` and `zero_grad` have nothing left to do. Gradient
+    clipping and accumulation need all gradients at once and cannot be combined with it."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], make_optimizer: Callable[[list], Any]) -> None:
+        self.optimizers = [make_optimizer([p]) for p in params if p.requires_grad]
+        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+        for opt in self.optimizers:
+            opt.param_groups[0]["params"][0].register_post_accumulate_grad_hook(self._step_hook(opt))
+
+    @staticmethod
+    def _step_hook(opt: Any) -> Callable[[torch.Tensor], None]:
+        def hook(_: torch.Tensor) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return hook
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): opt.state_dict() for i, opt in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state) != len(self.optimizers):
+            raise ValueError(f"state holds {len(state)} optimizers, the model has {len(self.optimizers)} parameters")
+        for i, opt in enumerate(self.optimizers):
+            opt.load_state_dict(state[str(i)])
+
+
+def cpu_offload_optimizer(
+    params: Iterable[torch.nn.Parameter], optimizer: str = "torch.optim.AdamW", offload_gradients: bool = False,
+    **optimizer_kwargs: Any,
+) -> Any:
+    """torchao's CPUOffloadOptimizer around `optimizer` (a dotted class path, so YAML can name it).
+
+    State and the step live in host memory; `offload_gradients` also moves each gradient to the
+    host as it is produced (not with gradient accumulation). Needs a CUDA (or XPU) device."""
+    from torchao.optim import CPUOffloadOptimizer
+
+    return CPUOffloadOptimizer(
+        params, resolve_component(optimizer, "optimizer.optimizer"), offload_gradients=offload_gradients,
+        **optimizer_kwargs,
+    )

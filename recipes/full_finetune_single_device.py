@@ -35,12 +35,12 @@ def main(cfg: DictConfig) -> None:
     loss_fn = instantiate(cfg.loss)
 
     with StepLoop(
-        cfg, run, optimizer,
+        cfg, run, model, loss_fn, optimizer,
         # In the training dtype, so that a resumed run continues from exactly these weights.
         write_weights=lambda folder: checkpointer.save(model.state_dict(), folder / "model", run.dtype),
         restore_weights=lambda folder: restore_weights(model, folder / "model"),
     ) as loop:
-        for window, num_labels in loop.windows(model):
+        for window, num_labels in loop.windows():
             loss, grad_norm = optimizer_step(model, loss_fn, window, num_labels, optimizer, cfg.clip_grad_norm)
             loop.step_done(loss, grad_norm)
     print(f"done: {loop.last_checkpoint / 'model'} holds the model in HF layout")

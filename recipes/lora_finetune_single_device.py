@@ -37,8 +37,8 @@ def main(cfg: DictConfig) -> None:
     def restore_adapter(folder: Path) -> None:
         load_adapter_into(model, folder / "adapter")
 
-    with StepLoop(cfg, run, optimizer, write_adapter, restore_adapter) as loop:
-        for window, num_labels in loop.windows(model):
+    with StepLoop(cfg, run, model, loss_fn, optimizer, write_adapter, restore_adapter) as loop:
+        for window, num_labels in loop.windows():
             loss, grad_norm = optimizer_step(model, loss_fn, window, num_labels, optimizer, cfg.clip_grad_norm)
             loop.step_done(loss, grad_norm)
     merged = f", {loop.last_checkpoint / 'model'} (merged, HF layout)" if cfg.save_merged_model else ""

@@ -54,3 +54,14 @@ def test_tiny_lora_demo_learns_and_writes_loadable_outputs(tmp_path):
     for key in expected:
         assert torch.equal(written[key], expected[key]), key
     assert (final / "model" / "config.json").read_text() == (Path(asset_path("tiny/model")) / "config.json").read_text()
+
+
+def test_validation_loss_is_reported_every_n_steps_and_at_the_end(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=2",
+                 "+dataset.val_fraction=0.2", "+eval_every_n_steps=4", "save_merged_model=False"]) in (0, None)
+    rows = [json.loads(line) for line in next((out / "logs").glob("*.jsonl")).read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    # 80 training rows // batch 8 = 10 steps an epoch, 20 in all.
+    assert [step for step, _ in val] == [4, 8, 12, 16, 20]
+    assert val[-1][1] < val[0][1]

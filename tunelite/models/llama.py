@@ -155,8 +155,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, s, hd)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if mask is not None and self.num_kv_heads != self.num_heads:
+            # SDPA's GQA path exists only in its flash kernel, which takes no mask: with a mask
+            # (packed samples) share each kv head explicitly, so a memory-efficient kernel runs.
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != self.num_heads
         )  # (b, h, s, hd)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 

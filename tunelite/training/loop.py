@@ -18,17 +18,18 @@ from tunelite.training.sampler import ResumableSampler
 
 
 def build_dataloader(
-    dataset: Dataset, batch_size: int, shuffle: bool, pad_id: int, seed: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset, batch_size: int, shuffle: bool, pad_id: int, seed: int, rank: int = 0, world_size: int = 1,
+    drop_last: bool = True,
 ) -> DataLoader:
     """Batches in an order a resumed run can reproduce (see ResumableSampler)."""
-    if len(dataset) < batch_size * world_size:
+    if drop_last and len(dataset) < batch_size * world_size:
         raise ConfigError(
             f"batch_size: {batch_size} x {world_size} process(es) is larger than the dataset ({len(dataset)} samples); lower it"
         )
     sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size)
     # Its own generator: otherwise each new iterator draws a seed from the global RNG, and a
     # resumed run, which starts its iterator mid-epoch, would see other dropout masks.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       collate_fn=partial(padded_collate, pad_id=pad_id), generator=torch.Generator())
 
 
@@ -67,6 +68,26 @@ def forward_backward(
     share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
     (loss * share).backward()
     return loss.detach() * share
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Mean loss per labelled token over the whole validation set (summed over ranks' shares
+    when distributed), with dropout off; leaves the model in training mode."""
+    device = model.tok_embeddings.weight.device
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = (batch["labels"] != IGNORE_INDEX).sum()
+        hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+        total += loss_fn(hidden, batch["labels"], model.output) * n
+        count += n
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    model.train()
+    return total / count.clamp(min=1)
 
 
 class StepReporter:

@@ -26,6 +26,7 @@ class RunSetup:
     loader: DataLoader
     steps_per_epoch: int
     total_steps: int
+    val_loader: DataLoader | None = None
 
     def fingerprint(self, cfg: DictConfig, world_size: int = 1) -> dict:
         """What decides which batches come next: a resumed run must agree on all of it."""
@@ -44,4 +45,12 @@ def setup_run(cfg: DictConfig, device: torch.device | None = None, rank: int = 0
     dataset = instantiate(cfg.dataset, tokenizer)
     loader = build_dataloader(dataset, cfg.batch_size, cfg.shuffle, tokenizer.pad_id, cfg.seed, rank, world_size)
     steps = steps_per_epoch(loader, cfg.gradient_accumulation_steps, cfg.max_steps_per_epoch)
-    return RunSetup(device, dtype, Path(cfg.output_dir), logger, tokenizer, dataset, loader, steps, steps * cfg.epochs)
+    val_loader = None
+    if cfg.get("val_dataset") or cfg.dataset.get("val_fraction"):
+        # Either a dataset of its own, or the held-out share of the training source.
+        val_set = (instantiate(cfg.val_dataset, tokenizer) if cfg.get("val_dataset")
+                   else instantiate(cfg.dataset, tokenizer, partition="validation"))
+        val_loader = build_dataloader(val_set, cfg.batch_size, False, tokenizer.pad_id, cfg.seed, rank, world_size,
+                                      drop_last=False)
+    return RunSetup(device, dtype, Path(cfg.output_dir), logger, tokenizer, dataset, loader, steps,
+                    steps * cfg.epochs, val_loader)

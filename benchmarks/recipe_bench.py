@@ -1,0 +1,69 @@
+"""Tokens/s and peak memory of a recipe on an HF checkpoint, one line per run.
+
+Runs the recipe's own `main` for a fixed number of steps on random fixed-length samples (every
+sample exactly --seq tokens, no padding), so the same command measures every recipe on the work
+of ../shared/bench/ANCHORS.md. Checkpoint writing is skipped: it is not what is measured.
+
+    python benchmarks/recipe_bench.py lora_finetune_single_device llama3_1/8B_lora_single_device CKPT_DIR \
+        [--batch 2] [--seq 2048] [--steps 12] [--warmup 3] [key=value overrides...]
+
+Prints `RESULT recipe=... tokens_per_s=... peak_alloc_gib=... peak_reserved_gib=... peak_host_rss_gib=...`,
+with tokens/s counted as batch x seq per step over the steps after warm-up (as the anchors count).
+"""
+
+import argparse
+import json
+import runpy
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tunelite.checkpointing.hf import model_args_from_hf_config, read_hf_config
+from tunelite.config import load_config, validate_config
+from tunelite.training import step_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("config", help="built-in config name, e.g. llama3_1/8B_lora_single_device")
+    ap.add_argument("checkpoint", help="HF-layout model folder")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_intermixed_args()
+
+    out = Path(tempfile.mkdtemp(prefix="tunelite-bench-"))
+    vocab = model_args_from_hf_config(read_hf_config(Path(a.checkpoint))).vocab_size
+    cfg = load_config(ROOT / "recipe_configs" / f"{a.config}.yaml", [
+        f"output_dir={out}", f"checkpointer.checkpoint_dir={a.checkpoint}", "tokenizer.path=${asset:tiny/tokenizer.model}",
+        f"batch_size={a.batch}", "epochs=1", f"max_steps_per_epoch={a.steps}", "gradient_accumulation_steps=1",
+        "log_every_n_steps=1", "log_peak_memory_stats=True", "resume_from_checkpoint=False",
+        f"metric_logger=[{{_component_: tunelite.training.metric_logging.DiskLogger, log_dir: {out}/logs, filename: m.jsonl}}]",
+        f"dataset={{_component_: tunelite.data.synthetic.random_tokens_dataset, num_samples: {a.batch * a.steps}, "
+        f"seq_len: {a.seq}, vocab_size: {vocab}}}",
+        *a.overrides,
+    ])
+    validate_config(cfg)
+    OmegaConf.resolve(cfg)
+    step_loop.save_checkpoint = lambda *args, **kwargs: None  # measure training, not writing 16 GB
+    runpy.run_path(str(ROOT / "recipes" / f"{a.recipe}.py"))["main"](cfg)
+
+    rows = [json.loads(line) for line in (out / "logs" / "m.jsonl").read_text().splitlines()]
+    timed = rows[a.warmup:]
+    # The recipe counts labelled tokens (seq - 1 per sample: the last position has no target).
+    seconds = sum(a.batch * (a.seq - 1) / r["tokens_per_s"] for r in timed)
+    last = rows[-1]
+    print(f"RESULT recipe={a.recipe} config={a.config} batch={a.batch} seq={a.seq} compile={cfg.compile} "
+          f"steps={len(timed)} tokens_per_s={len(timed) * a.batch * a.seq / seconds:.0f} "
+          f"peak_alloc_gib={last.get('peak_alloc_gib', 0):.2f} peak_reserved_gib={last.get('peak_reserved_gib', 0):.2f} "
+          f"peak_host_rss_gib={last['peak_host_rss_gib']:.2f} loss={last['loss']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

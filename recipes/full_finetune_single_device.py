@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from tunelite.config import instantiate, recipe_entry
 from tunelite.errors import ConfigError
-from tunelite.training import StepLoop, load_pretrained_model, optimizer_step, restore_weights, setup_run
+from tunelite.training import StepLoop, build_loss, load_pretrained_model, optimizer_step, restore_weights, setup_run
 from tunelite.training.optimizers import OptimizerInBackward
 
 
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
         optimizer = OptimizerInBackward(model.parameters(), lambda one: instantiate(cfg.optimizer, one))
     else:
         optimizer = instantiate(cfg.optimizer, model.parameters())
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build_loss(cfg.loss, cfg.compile)
 
     with StepLoop(
         cfg, run, model, loss_fn, optimizer,

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from tunelite.checkpointing.peft import load_adapter_into, save_peft_adapter
 from tunelite.config import instantiate, recipe_entry
 from tunelite.modules.lora import merged_state_dict, set_trainable_params
-from tunelite.training import StepLoop, load_pretrained_model, optimizer_step, setup_run
+from tunelite.training import StepLoop, build_loss, load_pretrained_model, optimizer_step, setup_run
 
 
 def main(cfg: DictConfig) -> None:
@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     set_trainable_params(model)  # only lora_a / lora_b learn; the base stays as downloaded
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, adapters)
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build_loss(cfg.loss, cfg.compile)
 
     def write_adapter(folder: Path) -> None:
         save_peft_adapter(model, folder / "adapter", base_model_name_or_path=str(checkpointer.checkpoint_dir))

@@ -5,7 +5,7 @@ Each chunk's projection and loss run under activation checkpointing, so only the
 states are kept and a single chunk's logits exist at any moment, in forward and backward.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,12 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, num_chunks: int = 8) -> None:
         super().__init__()
         self.num_chunks = num_chunks
+        self.chunk_loss = _chunk_loss_sum
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compiles the per-chunk projection and cross-entropy (not the chunk loop): the fp32
+        upcast, log-softmax and gather fuse, so fp32 logits are never written out."""
+        self.chunk_loss = torch.compile(_chunk_loss_sum, *args, **kwargs)
 
     def forward(
         self, hidden: torch.Tensor, labels: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
@@ -33,7 +39,7 @@ class LinearCrossEntropyLoss(nn.Module):
         total = hidden.new_zeros((), dtype=torch.float32)
         for h, y in zip(hidden.chunk(self.num_chunks, dim=1), labels.chunk(self.num_chunks, dim=1)):
             if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss_sum, output, h, y, use_reentrant=False)
+                total = total + checkpoint(self.chunk_loss, output, h, y, use_reentrant=False)
             else:
-                total = total + _chunk_loss_sum(output, h, y)
+                total = total + self.chunk_loss(output, h, y)
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

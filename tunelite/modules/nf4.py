@@ -6,6 +6,7 @@ place that knows both homes.
 """
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +43,49 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Tensor:
     return to_nf4(weight, BLOCK_SIZE, scaler_block)
 
 
+def _dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
+    """torchao's NF4Tensor.get_original_weight, written as one pure function so that on a GPU it
+    compiles to a single fused kernel; eager torchao runs a dozen kernels through int64 indices."""
+    first = weight.nf4[(weight.quantized_data >> 4).to(torch.int32)]
+    second = weight.nf4[(weight.quantized_data & 0b1111).to(torch.int32)]
+    scalers = weight.quantized_scalers.view(-1, weight.scaler_block_size) / weight.quantization_factor.unsqueeze(-1)
+    scalers = scalers.flatten().to(weight.dtype) + weight.scaler_mean
+    repeated = scalers.unsqueeze(-1).expand(scalers.size(0), weight.block_size // 2).flatten()
+    return torch.stack([first * repeated, second * repeated], dim=-1).reshape(weight.shape)
+
+
+_dequantize_nf4_fused = torch.compile(_dequantize_nf4, dynamic=False)
+
+
+def dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
+    return (_dequantize_nf4_fused if weight.quantized_data.is_cuda else _dequantize_nf4)(weight)
+
+
+class _FrozenNF4Linear(torch.autograd.Function):
+    """x @ dequant(W)^T with the gradient to x only; W is dequantized again in backward rather
+    than kept, so only its 4-bit form stays in memory."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantize_nf4(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantize_nf4(weight).to(grad.dtype), None
+
+
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for a frozen W that may be NF4: dequantized on the fly, gradient to x only."""
-    if isinstance(weight, NF4Tensor):
+    """x @ W^T for a frozen W that may be NF4: dequantized on the fly, gradient to x only.
+
+    Inside a compiled model torchao's `linear_nf4` is traced and fused by the compiler; outside
+    one, the fused dequantization kernel above does the same work in one launch."""
+    if not isinstance(weight, NF4Tensor):
+        return F.linear(x, weight)
+    if torch.compiler.is_compiling():
         return linear_nf4(input=x, weight=weight)
-    return F.linear(x, weight)
+    return _FrozenNF4Linear.apply(x, weight)
 
 
 def dequantize(t: torch.Tensor) -> torch.Tensor:

@@ -84,3 +84,11 @@ def restore_weights(model: nn.Module, folder: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def build_loss(loss_cfg: DictConfig, compile: bool = False) -> nn.Module:
+    """The configured loss, its per-chunk projection compiled along with the model when asked."""
+    loss_fn = instantiate(loss_cfg)
+    if compile:
+        loss_fn.compile()
+    return loss_fn

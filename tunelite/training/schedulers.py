@@ -8,19 +8,27 @@ full fine-tune fit (torchao's CPUOffloadOptimizer, optimizer-in-backward) are no
 import math
 from typing import Any, Callable
 
+import torch
+
 
 class LambdaSchedule:
     """lr = initial lr x factor(step), with step counting optimizer steps done."""
 
     def __init__(self, optimizer: Any, factor: Callable[[int], float]) -> None:
         self.optimizer, self.factor = optimizer, factor
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.last_step = 0
         self._apply()
 
     def _apply(self) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.factor(self.last_step)
+            lr = base * self.factor(self.last_step)
+            # torchao's low-bit optimizers keep lr as a tensor so that changing it does not
+            # recompile their step: update it in place rather than replace it with a float.
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def step(self) -> None:
         self.last_step += 1

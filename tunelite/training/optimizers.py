@@ -22,9 +22,14 @@ class OptimizerInBackward:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], make_optimizer: Callable[[list], Any]) -> None:
         self.optimizers = [make_optimizer([p]) for p in params if p.requires_grad]
-        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
         for opt in self.optimizers:
             opt.param_groups[0]["params"][0].register_post_accumulate_grad_hook(self._step_hook(opt))
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Looked up each time: a sub-optimizer's load_state_dict replaces its group list, and a
+        list kept from before would leave the LR schedule setting groups nobody reads."""
+        return [group for opt in self.optimizers for group in opt.param_groups]
 
     @staticmethod
     def _step_hook(opt: Any) -> Callable[[torch.Tensor], None]:

@@ -165,7 +165,7 @@ def test_run_with_torchrun_flags_launches_torch_distributed_run(
 ) -> None:
     launched = []
 
-    def fake_run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         launched.append(command)
         return subprocess.CompletedProcess(command, returncode=3)
 

@@ -38,6 +38,17 @@ RECIPES: tuple[Recipe, ...] = (
         configs=("tiny/full_cpu", "llama3_1/8B_full_single_device"),
         supports_distributed=False,
     ),
+    Recipe(
+        name="lora_finetune_distributed",
+        configs=("tiny/lora_distributed_cpu", "llama3_1/8B_lora", "llama3_1/70B_lora"),
+        supports_distributed=True,
+    ),
+    # Not training: chat with a trained model (`tunelite generate` runs it too).
+    Recipe(
+        name="generate",
+        configs=("tiny/generation", "generation/llama3_1_8B"),
+        supports_distributed=False,
+    ),
 )
 
 

@@ -13,13 +13,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelite.checkpointing.hf import read_safetensors, hf_to_ours, ours_to_hf
+from tunelite.distributed.tensors import local_shard
 from tunelite.errors import CheckpointError
-from tunelite.modules.lora import LoRALinear
+from tunelite.models.llama import LoRAArgs
+from tunelite.modules.lora import LoRALinear, adapter_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 _SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+# peft's `target_modules` (HF module names) -> where tunelite puts adapters.
+_ATTN_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+_OUTPUT_TARGET = "lm_head"
 
 
 def peft_key(our_key: str) -> str:
@@ -46,7 +52,51 @@ def load_peft_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if our_module is None:
             raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {key!r} sits on a module tunelite does not know")
         ours[our_module.removesuffix("weight") + back[suffix]] = value
-    return ours, json.loads((folder / ADAPTER_CONFIG).read_text())
+    return ours, read_adapter_config(folder)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """A peft adapter folder's adapter_config.json; a missing or unreadable file is named."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a peft adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def lora_args_from_adapter_config(folder: Path) -> LoRAArgs:
+    """The LoRA layout an adapter was trained with (rank, alpha, target modules), read from its
+    adapter_config.json, so the model to load it into is built without restating them."""
+    path = Path(folder) / ADAPTER_CONFIG
+    config = read_adapter_config(folder)
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise CheckpointError(f"{path}: target_modules must list the adapted modules (q_proj, v_proj, ...), "
+                              f"got {targets!r}")
+    unsupported = [key for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    if unsupported:
+        raise CheckpointError(f"{path}: {', '.join(unsupported)} is set; tunelite loads plain LoRA adapters only")
+    known = {*_ATTN_TARGETS, *_MLP_TARGETS, _OUTPUT_TARGET}
+    unknown = sorted(set(targets) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: target_modules {unknown} are not Llama projections; tunelite adapts "
+                              f"{sorted(known)}")
+    mlp = [name for name in _MLP_TARGETS if name in targets]
+    if mlp and len(mlp) != len(_MLP_TARGETS):
+        raise CheckpointError(f"{path}: adapters on {mlp} only; tunelite puts them on all of {list(_MLP_TARGETS)} "
+                              "or on none")
+    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise CheckpointError(f"{path}: r and lora_alpha must be numbers, got r={config.get('r')!r}, "
+                              f"lora_alpha={config.get('lora_alpha')!r}")
+    return LoRAArgs(
+        lora_attn_modules=tuple(ours for theirs, ours in _ATTN_TARGETS.items() if theirs in targets),
+        apply_lora_to_mlp=bool(mlp),
+        apply_lora_to_output=_OUTPUT_TARGET in targets,
+        lora_rank=config["r"],
+        lora_alpha=float(config["lora_alpha"]),
+    )
 
 
 def load_adapter_into(model: nn.Module, folder: Path) -> None:
@@ -55,6 +105,9 @@ def load_adapter_into(model: nn.Module, folder: Path) -> None:
     Refuses, naming the folder, when the adapter was made for other modules, rank or alpha."""
     adapter, config = load_peft_adapter(folder)
     modules = lora_modules(model)
+    if not modules:
+        raise CheckpointError(f"{folder} is a LoRA adapter, but the model has no adapters to load it into; "
+                              "build it with a lora_* model builder")
     first = next(iter(modules.values()))
     if config.get("r") != first.rank or float(config.get("lora_alpha", 0)) != float(first.alpha):
         raise CheckpointError(
@@ -74,7 +127,7 @@ def load_adapter_into(model: nn.Module, folder: Path) -> None:
             if adapter[key].shape != param.shape:
                 raise CheckpointError(f"{Path(folder) / ADAPTER_WEIGHTS}: {key} has shape {tuple(adapter[key].shape)}, "
                                       f"the model's is {tuple(param.shape)}")
-            param.copy_(adapter[key])
+            param.copy_(local_shard(adapter[key], param, param.device, param.dtype))  # this rank's rows when sharded
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -107,14 +160,15 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str) -> dict:
     }
 
 
-def save_peft_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str) -> None:
-    """Writes `adapter_model.safetensors` and `adapter_config.json` into `out_dir`."""
+def save_peft_adapter(
+    model: nn.Module, out_dir: Path, base_model_name_or_path: str, adapter: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Writes `adapter_model.safetensors` and `adapter_config.json` into `out_dir`. `adapter` (our
+    names) stands in for the model's own adapter tensors when those are shards, gathered whole."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in lora_modules(model).items():
-        for suffix in ("lora_a", "lora_b"):
-            tensors[peft_key(f"{name}.{suffix}")] = getattr(module, suffix).detach().cpu().contiguous()
+    adapter = adapter_state_dict(model) if adapter is None else adapter
+    tensors = {peft_key(key): value.detach().cpu().contiguous() for key, value in adapter.items()}
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = peft_adapter_config(model, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

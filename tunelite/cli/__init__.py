@@ -1,1 +1,1 @@
-"""The `tunelite` command: ls, cp, run and validate, one module per subcommand."""
+"""The `tunelite` command: ls, cp, run, validate, generate and estimate, one module per subcommand."""

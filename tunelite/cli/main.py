@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tunelite.cli import cp, ls, run, validate
+from tunelite.cli import cp, estimate, generate, ls, run, validate
 from tunelite.errors import TuneliteError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `tunelite` parser with one subparser per subcommand module."""
     parser = argparse.ArgumentParser(prog="tunelite", description="Fine-tune Llama models with native PyTorch recipes.")
     subcommands = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="COMMAND")
-    for module in (ls, cp, run, validate):
+    for module in (ls, cp, run, validate, generate, estimate):
         module.add_parser(subcommands)
     return parser
 

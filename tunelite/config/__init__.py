@@ -30,6 +30,7 @@ __all__ = [
     "builtin_config_names",
     "instantiate",
     "load_config",
+    "load_recipe_config",
     "parse_recipe_args",
     "recipe_entry",
     "resolve_component",
@@ -47,8 +48,13 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> DictConfig:
     parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
     args = parser.parse_intermixed_args(argv)
-    path = resolve_config_path(args.config)
-    cfg = load_config(path, args.overrides)
+    return load_recipe_config(args.config, args.overrides)
+
+
+def load_recipe_config(name_or_path: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """A config as a recipe receives it: found by name or path, overridden, validated, resolved."""
+    path = resolve_config_path(name_or_path)
+    cfg = load_config(path, overrides)
     validate_config(cfg, source=path)
     try:
         OmegaConf.resolve(cfg)

@@ -30,9 +30,11 @@ RECIPE_KEYS: frozenset[str] = frozenset({
     "clip_grad_norm", "skip_nonfinite_steps", "eval_every_n_steps", "num_workers",
     # device and memory
     "device", "dtype", "compile", "enable_activation_checkpointing", "enable_activation_offloading",
-    "optimizer_in_bwd",
+    "optimizer_in_bwd", "fsdp_reshard_after_forward",
     # logging
     "log_every_n_steps", "log_peak_memory_stats",
+    # generation (recipes/generate.py)
+    "adapter_dir", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_k", "top_p",
 })
 
 

@@ -79,7 +79,7 @@ LinearFactory = Callable[[int, int, str], nn.Module]
 
 
 class RMSNorm(nn.Module):
-    """Normalises in fp32 and casts back before scaling, as Meta's and HF's reference do."""
+    """x / rms(x) * weight, the statistics taken in fp32 as in Meta's and HF's reference."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -90,9 +90,12 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        if torch.compiler.is_compiling():
+            # Written out, the compiler fuses it with its neighbours.
+            x32 = x.float()
+            return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Eager: one fused kernel on GPUs; it too accumulates in fp32, and matches HF exactly in fp32.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -135,6 +138,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class KVCache(nn.Module):
+    """The keys and values of the tokens seen so far, so that generating a token runs the model on
+    that token alone rather than on the whole sequence again. Preallocated at the longest length."""
+
+    def __init__(
+        self, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.size = 0  # positions filled so far
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends this call's (b, kv, s, hd) keys and values; returns every one cached so far."""
+        end = self.size + k.shape[2]
+        assert end <= self.k.shape[2], f"KV cache holds {self.k.shape[2]} positions, {end} asked for"
+        self.k[:, :, self.size:end] = k
+        self.v[:, :, self.size:end] = v
+        self.size = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def cache_causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, length, start + length) boolean SDPA mask for `length` new tokens after `start` cached
+    ones: each sees every cached position and the new ones up to itself."""
+    keys = torch.arange(start + length, device=device)
+    queries = torch.arange(start, start + length, device=device)
+    return (keys[None, :] <= queries[:, None])[None, None]
+
+
 class Attention(nn.Module):
     """Grouped-query attention through SDPA, which picks flash attention on GPUs when it can."""
 
@@ -146,6 +181,7 @@ class Attention(nn.Module):
         self.k_proj = linear(args.embed_dim, args.num_kv_heads * hd, "k_proj")
         self.v_proj = linear(args.embed_dim, args.num_kv_heads * hd, "v_proj")
         self.output_proj = linear(args.num_heads * hd, args.embed_dim, "output_proj")
+        self.kv_cache: KVCache | None = None  # only while generating (TransformerDecoder.setup_caches)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
@@ -155,6 +191,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, s, hd)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(k, v)  # (b, kv, cached + s, hd); the decoder passes the mask
         if mask is not None and self.num_kv_heads != self.num_heads:
             # SDPA's GQA path exists only in its flash kernel, which takes no mask: with a mask
             # (packed samples) share each kv head explicitly, so a memory-efficient kernel runs.
@@ -224,9 +262,15 @@ class TransformerDecoder(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The final normed hidden states; the loss projects them to the vocabulary chunk by chunk,
-        so full-vocabulary logits for a whole batch never sit in memory at once."""
+        so full-vocabulary logits for a whole batch never sit in memory at once.
+
+        With caches set up (generation), `tokens` continue the cached sequence, and the default
+        positions and mask say so."""
+        start = self.layers[0].attn.kv_cache.size if self.caches_enabled else 0
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+        if mask is None and self.caches_enabled:
+            mask = cache_causal_mask(start, tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)  # (b, s, d)
         rope = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.layers):
@@ -240,6 +284,25 @@ class TransformerDecoder(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.output(self.hidden_states(tokens, positions, mask))  # (b, s, vocab)
+
+    def setup_caches(
+        self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> None:
+        """Gives every attention layer an empty KV cache of `max_seq_len` positions, for generation;
+        training never calls this, so its forward pass is unchanged."""
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, self.args.num_kv_heads, max_seq_len, self.args.resolved_head_dim,
+                                          dtype or weight.dtype, device or weight.device)
+
+    def reset_caches(self) -> None:
+        """Drops the KV caches and their memory: the model attends over its input alone again."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    @property
+    def caches_enabled(self) -> bool:
+        return self.layers[0].attn.kv_cache is not None
 
 
 def plain_linear(in_dim: int, out_dim: int, name: str) -> nn.Module:

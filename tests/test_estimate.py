@@ -1,0 +1,151 @@
+"""`tunelite estimate`: the memory model, its advice, and that it reads nothing but config.json."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelite.checkpointing.hf import hf_config_from_model_args
+from tunelite.cli.main import main
+from tunelite.config import load_recipe_config
+from tunelite.errors import ConfigError
+from tunelite.models.llama3_1 import LLAMA3_1_8B
+from tunelite.training.memory_estimate import (
+    ACTIVATIONS,
+    GIB,
+    GRADIENTS,
+    LOSS,
+    OUTPUT_GRADIENT,
+    OVERHEAD,
+    WEIGHTS,
+    estimate_memory,
+    parse_memory_size,
+    with_overrides,
+)
+
+LORA, FULL = "lora_finetune_single_device", "full_finetune_single_device"
+CONFIGS = {
+    "lora": (LORA, "llama3_1/8B_lora_single_device"),
+    "qlora": (LORA, "llama3_1/8B_qlora_single_device"),
+    "full": (FULL, "llama3_1/8B_full_single_device"),
+}
+# Peak allocated GiB on an H100, Llama 3.1 8B random weights, bf16, checkpointing on, no compile
+# (benchmarks/recipe_bench.py, 2026-11-23, this tree): (config, batch, seq) -> measured.
+MEASURED = {
+    ("lora", 2, 2048): 16.99, ("lora", 1, 8192): 18.85,
+    ("qlora", 2, 2048): 7.34, ("qlora", 1, 8192): 9.21,
+    ("full", 2, 2048): 19.03, ("full", 1, 8192): 20.10,
+}
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8B "checkpoint" folder holding config.json and no weights at all."""
+    folder = tmp_path_factory.mktemp("llama3_1_8b")
+    (folder / "config.json").write_text(json.dumps(hf_config_from_model_args(LLAMA3_1_8B)))
+    return folder
+
+
+def estimate(config_only: Path, kind: str, *overrides: str):
+    recipe, name = CONFIGS[kind]
+    cfg = load_recipe_config(name, [f"checkpointer.checkpoint_dir={config_only}", *overrides])
+    return estimate_memory(cfg, recipe)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_breakdown_sums_to_the_total(config_only, kind):
+    result = estimate(config_only, kind)
+    assert sum(result.components.values()) == result.total
+    assert result.total - result.components[OVERHEAD] == result.peak_allocated
+    assert all(size >= 0 for size in result.components.values())
+
+
+@pytest.mark.parametrize(("kind", "batch", "seq"), list(MEASURED))
+def test_prediction_is_within_3_percent_of_the_h100_measurement(config_only, kind, batch, seq):
+    predicted = estimate(config_only, kind, f"batch_size={batch}", f"tokenizer.max_seq_len={seq}").peak_allocated
+    assert predicted / GIB == pytest.approx(MEASURED[kind, batch, seq], rel=0.03)
+
+
+def test_activations_grow_with_tokens_not_with_how_they_split_into_batch_and_length(config_only):
+    long = estimate(config_only, "lora", "batch_size=1", "tokenizer.max_seq_len=8192")
+    wide = estimate(config_only, "lora", "batch_size=4", "tokenizer.max_seq_len=2048")
+    short = estimate(config_only, "lora", "batch_size=1", "tokenizer.max_seq_len=4096")
+    assert long.components[ACTIVATIONS] == wide.components[ACTIVATIONS]
+    assert long.components[ACTIVATIONS] == pytest.approx(2 * short.components[ACTIVATIONS], rel=0.01)
+
+
+def test_checkpointing_qlora_and_a_smaller_batch_each_lower_the_estimate(config_only):
+    lora = estimate(config_only, "lora").total
+    assert estimate(config_only, "lora", "enable_activation_checkpointing=False").total > lora + 10 * GIB
+    assert estimate(config_only, "qlora").total < lora - 7 * GIB
+    assert estimate(config_only, "lora", "batch_size=1").total < lora
+
+
+def test_full_fine_tune_counts_gradients_and_optimizer_state_where_they_live(config_only):
+    offloaded = estimate(config_only, "full")
+    on_gpu = estimate(config_only, "full", "optimizer._component_=torch.optim.AdamW", "~optimizer.optimizer",
+                      "~optimizer.offload_gradients")
+    weights = offloaded.components[WEIGHTS]
+    assert on_gpu.components[GRADIENTS] >= weights  # bf16 gradients of every weight
+    assert on_gpu.components["optimizer state"] == pytest.approx(2 * weights, rel=1e-6)  # two moments
+    assert offloaded.components["optimizer state"] == 0
+    assert offloaded.components[GRADIENTS] < weights / 5  # only the output projection's, being summed
+    assert offloaded.components[LOSS] == 0 and offloaded.peak_during == OUTPUT_GRADIENT
+
+
+def test_estimate_reads_only_config_json(config_only, capsys):
+    assert [p.name for p in config_only.iterdir()] == ["config.json"]
+    assert main(["estimate", LORA, "--config", "llama3_1/8B_lora_single_device",
+                 f"checkpointer.checkpoint_dir={config_only}", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    for line in ("weights", "adapter", "gradients", "optimizer state", "activations", "logits/loss", "workspace",
+                 "CUDA context", "= peak allocated", "= needed on the card"):
+        assert line in out
+    assert "Fits in 80.00 GiB" in out
+
+
+@pytest.mark.parametrize(("kind", "budget"), [("lora", "12GB"), ("lora", "16GB"), ("full", "24GB")])
+def test_too_little_gpu_memory_prints_overrides_with_which_the_estimate_fits(config_only, capsys, kind, budget):
+    recipe, name = CONFIGS[kind]
+    given = [f"checkpointer.checkpoint_dir={config_only}", "enable_activation_checkpointing=False"]
+    assert main(["estimate", recipe, "--config", name, *given, "--gpu-memory", budget]) == 1
+    out = capsys.readouterr().out
+    assert "Does not fit" in out
+    commands = [line.split("#")[0] for line in out.splitlines() if line.strip().startswith("tunelite run")]
+    assert commands
+    for command in commands:
+        overrides = [w for w in shlex.split(command) if "=" in w or w.startswith("~")]
+        assert "enable_activation_checkpointing=True" in overrides
+        cfg = with_overrides(load_recipe_config(name), overrides)
+        assert estimate_memory(cfg, recipe).total <= parse_memory_size(budget)
+
+
+def test_seq_len_option_sets_the_sequence_length(config_only, capsys):
+    main(["estimate", LORA, "--config", "llama3_1/8B_lora_single_device", f"checkpointer.checkpoint_dir={config_only}",
+          "--seq-len", "8192", "batch_size=1", "--gpu-memory", "80GB"])
+    assert "batch 1 x 8192 tokens" in capsys.readouterr().out
+
+
+def test_tiny_cpu_configs_estimate_from_the_shipped_checkpoint(capsys):
+    assert main(["estimate", LORA, "--config", "tiny/lora_cpu", "--gpu-memory", "1GB"]) == 0
+    assert re.search(r"= peak allocated +0\.\d\d GiB", capsys.readouterr().out)
+
+
+def test_memory_sizes_read_as_cards_print_them():
+    assert parse_memory_size("24GB") == parse_memory_size("24 GiB") == parse_memory_size("24") == 24 * GIB
+    assert parse_memory_size("16000MiB") == 16000 * 2**20
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        parse_memory_size("lots")
+
+
+def test_estimate_refuses_a_recipe_it_does_not_model():
+    with pytest.raises(ConfigError, match="estimate models the training recipes"):
+        estimate_memory(load_recipe_config("tiny/generation"), "generate")
+
+
+def test_estimate_builds_the_model_on_the_meta_device_only(config_only, monkeypatch):
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("a model was moved to a device"))
+    assert estimate(config_only, "qlora").peak_allocated > 0

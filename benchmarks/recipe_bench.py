@@ -9,10 +9,17 @@ of ../shared/bench/ANCHORS.md. Checkpoint writing is skipped: it is not what is 
 
 Prints `RESULT recipe=... tokens_per_s=... peak_alloc_gib=... peak_reserved_gib=... peak_host_rss_gib=...`,
 with tokens/s counted as batch x seq per step over the steps after warm-up (as the anchors count).
+
+Under torchrun it measures a distributed recipe: --batch is per GPU, tokens/s counts every GPU's
+tokens, the peaks are rank 0's (each GPU holds the same share), and rank 0 alone prints:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/recipe_bench.py \
+        lora_finetune_distributed llama3_1/8B_lora CKPT_DIR
 """
 
 import argparse
 import json
+import os
 import runpy
 import tempfile
 from pathlib import Path
@@ -38,6 +45,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args()
 
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # the processes torchrun started, 1 without it
     out = Path(tempfile.mkdtemp(prefix="tunelite-bench-"))
     vocab = model_args_from_hf_config(read_hf_config(Path(a.checkpoint))).vocab_size
     cfg = load_config(ROOT / "recipe_configs" / f"{a.config}.yaml", [
@@ -45,7 +53,8 @@ def main() -> None:
         f"batch_size={a.batch}", "epochs=1", f"max_steps_per_epoch={a.steps}", "gradient_accumulation_steps=1",
         "log_every_n_steps=1", "log_peak_memory_stats=True", "resume_from_checkpoint=False",
         f"metric_logger=[{{_component_: tunelite.training.metric_logging.DiskLogger, log_dir: {out}/logs, filename: m.jsonl}}]",
-        f"dataset={{_component_: tunelite.data.synthetic.random_tokens_dataset, num_samples: {a.batch * a.steps}, "
+        f"dataset={{_component_: tunelite.data.synthetic.random_tokens_dataset, "
+        f"num_samples: {a.batch * a.steps * world_size}, "
         f"seq_len: {a.seq}, vocab_size: {vocab}}}",
         *a.overrides,
     ])
@@ -53,14 +62,17 @@ def main() -> None:
     OmegaConf.resolve(cfg)
     step_loop.save_checkpoint = lambda *args, **kwargs: None  # measure training, not writing 16 GB
     runpy.run_path(str(ROOT / "recipes" / f"{a.recipe}.py"))["main"](cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
 
     rows = [json.loads(line) for line in (out / "logs" / "m.jsonl").read_text().splitlines()]
     timed = rows[a.warmup:]
     # The recipe counts labelled tokens (seq - 1 per sample: the last position has no target).
-    seconds = sum(a.batch * (a.seq - 1) / r["tokens_per_s"] for r in timed)
+    seconds = sum(world_size * a.batch * (a.seq - 1) / r["tokens_per_s"] for r in timed)
     last = rows[-1]
-    print(f"RESULT recipe={a.recipe} config={a.config} batch={a.batch} seq={a.seq} compile={cfg.compile} "
-          f"steps={len(timed)} tokens_per_s={len(timed) * a.batch * a.seq / seconds:.0f} "
+    tokens = len(timed) * world_size * a.batch * a.seq
+    print(f"RESULT recipe={a.recipe} config={a.config} gpus={world_size} batch={a.batch} seq={a.seq} "
+          f"compile={cfg.compile} steps={len(timed)} tokens_per_s={tokens / seconds:.0f} "
           f"peak_alloc_gib={last.get('peak_alloc_gib', 0):.2f} peak_reserved_gib={last.get('peak_reserved_gib', 0):.2f} "
           f"peak_host_rss_gib={last['peak_host_rss_gib']:.2f} loss={last['loss']:.4f}", flush=True)
 

@@ -22,4 +22,10 @@ class CheckpointError(TuneliteError):
 
 
 class ResourceError(TuneliteError):
-    """The machine ran short (GPU memory, disk space) for what the config asks."""
+    """The machine ran short (GPU memory, disk space) for what the config asks, or its output
+    folder cannot be written (read-only, no permission)."""
+
+
+class NonFiniteError(TuneliteError):
+    """A step's loss or gradient norm is NaN or infinite (too high a learning rate, a bad row):
+    the run stops rather than train on, or checkpoint, weights it would poison."""

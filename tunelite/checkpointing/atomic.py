@@ -40,12 +40,17 @@ def _fsync_tree(folder: Path) -> None:
         fsync_dir(sub)
 
 
+def _temporary_name(final: Path, kind: str = "") -> Path:
+    """A hidden sibling of `final` that checkpoint_folders never lists and remove_stale_temporaries deletes."""
+    return final.parent / f"{TMP_PREFIX}{kind}{final.name}-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yields a temporary folder to fill; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = _temporary_name(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -53,7 +58,7 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         _fsync_tree(tmp)
         if final.exists():
-            old = final.parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = _temporary_name(final, "old-")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)
@@ -80,6 +85,21 @@ def verify_folder(folder: Path) -> None:
                 f"{path} is {path.stat().st_size} bytes but was written with {size}: it is truncated or altered; "
                 "resume from an earlier step_* folder"
             )
+
+
+def remove_folder(folder: Path) -> None:
+    """Deletes a folder written by atomic_folder; it is renamed to a temporary name first, so a
+    deletion cut short leaves a leftover for remove_stale_temporaries, never a half-deleted
+    folder under a name that resuming would trust."""
+    doomed = _temporary_name(Path(folder), "removed-")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of a folder written by atomic_folder, read from its manifest rather than by a walk."""
+    manifest = Path(folder) / MANIFEST
+    return manifest.stat().st_size + sum(json.loads(manifest.read_text())["files"].values())
 
 
 def remove_stale_temporaries(parent: Path) -> None:

@@ -5,34 +5,56 @@ the data, and a fingerprint of the settings that decide which batches come next.
 with `torch.load(weights_only=True)`, which unpickles tensors and plain containers only.
 """
 
+import contextlib
+import errno
+import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from tunelite.checkpointing.atomic import atomic_folder, remove_stale_temporaries, verify_folder
-from tunelite.errors import CheckpointError
+from tunelite.checkpointing.atomic import (
+    atomic_folder,
+    folder_bytes,
+    remove_folder,
+    remove_stale_temporaries,
+    verify_folder,
+)
+from tunelite.distributed.process import (
+    barrier,
+    gather_objects,
+    get_rank,
+    is_distributed,
+    is_main_process,
+)
+from tunelite.errors import CheckpointError, ResourceError
 
 STATE_FILE = "recipe_state.pt"
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
+# torch.save reports a full disk with no errno; a write of it that fails while less than this is
+# free is taken for what it then almost surely is.
+_FULL_DISK_BYTES = 1 << 20
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 @dataclass
 class Progress:
-    """Where training stands: optimizer steps done, and the epoch and step within it of the next one."""
+    """Where training stands: optimizer steps done, and the epoch and step within it of the next one;
+    also how many steps were skipped for a non-finite loss, so a resumed run keeps that count."""
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    skipped_steps: int = 0
 
     def advanced(self, steps_per_epoch: int) -> "Progress":
         if self.step_in_epoch + 1 == steps_per_epoch:
-            return Progress(self.step + 1, self.epoch + 1, 0)
-        return Progress(self.step + 1, self.epoch, self.step_in_epoch + 1)
+            return replace(self, step=self.step + 1, epoch=self.epoch + 1, step_in_epoch=0)
+        return replace(self, step=self.step + 1, step_in_epoch=self.step_in_epoch + 1)
 
 
 def checkpoint_folders(output_dir: Path) -> list[Path]:
@@ -77,12 +99,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_training_state(
-    folder: Path,
+    folder: Path | None,
     optimizer: Any,
     scheduler: Any,
     progress: Progress,
     fingerprint: dict[str, Any],
 ) -> None:
+    """Writes recipe_state.pt into `folder`. Distributed, every rank calls it (the optimizer state and
+    the RNG states are gathered) and only rank 0, the one given a folder, writes."""
     state = {
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(),
@@ -90,7 +114,11 @@ def save_training_state(
         "rng": rng_states(),
         "fingerprint": fingerprint,
     }
-    torch.save(state, Path(folder) / STATE_FILE)
+    if is_distributed():
+        # Each rank draws its own dropout masks (its batches differ), so each resumes its own RNG.
+        state["rng_by_rank"] = gather_objects(state["rng"])
+    if folder is not None:
+        torch.save(state, Path(folder) / STATE_FILE)
 
 
 def load_training_state(
@@ -117,27 +145,51 @@ def load_training_state(
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: the optimizer state does not fit this model's trainable parameters ({e})") from e
     scheduler.load_state_dict(state["lr_scheduler"])
-    set_rng_states(state["rng"])
+    set_rng_states(state["rng_by_rank"][get_rank()] if "rng_by_rank" in state else state["rng"])
     return Progress(**state["progress"])
 
 
 def save_checkpoint(
     output_dir: Path,
     progress: Progress,
-    write_weights: Callable[[Path], None],
+    write_weights: Callable[[Path | None], None],
     optimizer: Any,
     scheduler: Any,
     fingerprint: dict[str, Any],
     keep_last_n: int | None,
 ) -> Path:
     """Writes `output_dir/step_N/` atomically: the recipe's weights (what makes it LoRA or full)
-    plus the training state, then drops checkpoints beyond `keep_last_n`."""
+    plus the training state, then drops checkpoints beyond `keep_last_n`. Pruning waits until the
+    new folder is complete, so while it is written the previous one is still there, whatever
+    `keep_last_n` says. Distributed, every rank calls it and rank 0 alone writes (_checkpoint_folder).
+
+    A disk too small for it, or a folder that cannot be written (read-only, no permission), raises
+    ResourceError naming the folder and the cause: before anything is written when the shortage
+    shows in advance (see expected_checkpoint_bytes), else when the write fails, with no
+    temporary folder left behind."""
     final = Path(output_dir) / f"step_{progress.step}"
-    with atomic_folder(final) as folder:
-        write_weights(folder)
-        save_training_state(folder, optimizer, scheduler, progress, fingerprint)
-    prune_checkpoints(output_dir, keep_last_n)
+    ensure_free_space(final, expected_checkpoint_bytes(output_dir, optimizer))
+    try:
+        with _checkpoint_folder(final) as folder:
+            write_weights(folder)
+            save_training_state(folder, optimizer, scheduler, progress, fingerprint)
+    except OSError as error:
+        raise ResourceError(_write_failure(final, error)) from error
+    if is_main_process():
+        prune_checkpoints(output_dir, keep_last_n)
+    barrier()  # no rank runs ahead of a checkpoint that is not complete yet
     return final
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(final: Path) -> Iterator[Path | None]:
+    """The atomic folder to fill, on rank 0 or the only process. Other ranks get None: they take part
+    in gathering the weights and state that rank 0 writes, and write nothing themselves."""
+    if not is_main_process():
+        yield None
+        return
+    with atomic_folder(final) as folder, _writer_errors_as_os_errors(folder):
+        yield folder
 
 
 def prune_checkpoints(output_dir: Path, keep_last_n: int | None) -> None:
@@ -145,4 +197,84 @@ def prune_checkpoints(output_dir: Path, keep_last_n: int | None) -> None:
     if not keep_last_n:
         return
     for folder in checkpoint_folders(output_dir)[:-keep_last_n]:
-        shutil.rmtree(folder)
+        remove_folder(folder)
+
+
+def expected_checkpoint_bytes(output_dir: Path, optimizer: Any) -> int:
+    """What the next checkpoint will take on disk, estimated simply: the newest checkpoint's size
+    when there is one (the same tensors again), else the trained weights plus the optimizer state.
+    An export that only the last checkpoint holds (a merged model) is not foreseen; a disk it
+    fills is reported when its write fails."""
+    folders = checkpoint_folders(output_dir)
+    if folders:
+        return folder_bytes(folders[-1])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return _tensor_bytes(params) + _tensor_bytes(optimizer.state_dict())
+
+
+def _tensor_bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.nbytes
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for `path`, measured on its nearest existing ancestor (the output folder may not exist yet)."""
+    existing = next(p for p in [Path(path), *Path(path).parents] if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def ensure_free_space(final: Path, needed: int) -> None:
+    free = free_bytes(final)
+    if free < needed:
+        raise ResourceError(
+            f"the checkpoint {final} needs about {_size(needed)} but its disk has {_size(free)} free; free some "
+            f"space or set output_dir to another disk. {newest_checkpoint_note(final.parent)}"
+        )
+
+
+@contextlib.contextmanager
+def _writer_errors_as_os_errors(folder: Path) -> Iterator[None]:
+    """Gives the checkpoint writers' storage failures back the errno they hide: safetensors raises
+    a SafetensorError whose message ends "(os error 28)" (and deletes its partial file), torch.save
+    a RuntimeError ("unexpected pos ...") that says nothing, taken for a full disk when the disk
+    is then full. The original stays chained, for the traceback."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        rust_error = _RUST_OS_ERROR.search(str(error))
+        if rust_error:
+            code = int(rust_error[1])
+        elif free_bytes(folder) < _FULL_DISK_BYTES:
+            code = errno.ENOSPC
+        else:
+            raise
+        raise OSError(code, os.strerror(code)) from error
+
+
+def _write_failure(final: Path, error: OSError) -> str:
+    cause = f"{error.strerror} [{errno.errorcode[error.errno]}]" if error.errno in errno.errorcode else str(error)
+    if error.filename and final.parent not in Path(error.filename).parents:
+        cause += f" at {error.filename}"  # not one of the checkpoint's own files: where it failed matters
+    fix = ("free some space or set output_dir to another disk" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+           else f"make {final.parent} writable or set output_dir to another folder")
+    return (f"could not write the checkpoint {final}: {cause}; {fix}. Nothing of it was kept. "
+            f"{newest_checkpoint_note(final.parent)}")
+
+
+def newest_checkpoint_note(output_dir: Path) -> str:
+    """The sentence an error ending a run closes with: where it can be resumed from."""
+    folders = checkpoint_folders(output_dir) if output_dir.is_dir() else []
+    if not folders:
+        return "There is no complete checkpoint yet."
+    return f"The newest complete checkpoint is {folders[-1]}; resume_from_checkpoint=True continues from it."
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"

@@ -6,12 +6,15 @@ here rather than once per process.
 """
 
 import argparse
+import contextlib
 import difflib
+import json
+import os
 import runpy
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunelite import recipe_registry
 from tunelite.config import load_config, resolve_config_path, validate_config
@@ -21,6 +24,10 @@ from tunelite.errors import ConfigError
 TORCHRUN_OPTIONS = (
     "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "master_addr", "master_port",
 )
+# The user's `tunelite run ...` command line as a JSON list, for the recipe to print when it is
+# stopped (see tunelite.training.loop.resume_command): in the recipe's process sys.argv holds only
+# the recipe script's arguments, and under torchrun it is each worker's.
+COMMAND_LINE_ENV = "TUNELITE_COMMAND_LINE"
 
 
 def add_parser(subcommands: Any) -> None:
@@ -55,10 +62,26 @@ def run_recipe(args: argparse.Namespace) -> int:
     script = recipe_script(args.recipe, recipe)
     config = resolve_config_path(args.config)
     command = [str(script), "--config", str(config), *args.overrides]
-    if not launch:
-        return run_in_process(command)
-    validate_config(load_config(config, args.overrides), source=config)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, *command]).returncode
+    with recorded_command_line(["tunelite", "run", *launch, args.recipe, "--config", args.config, *args.overrides]):
+        if not launch:
+            return run_in_process(command)
+        validate_config(load_config(config, args.overrides), source=config)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, *command]).returncode
+
+
+@contextlib.contextmanager
+def recorded_command_line(command_line: list[str]) -> Iterator[None]:
+    """Sets COMMAND_LINE_ENV, for the recipe run in-process or the processes torchrun starts,
+    and puts back what was there before."""
+    before = os.environ.get(COMMAND_LINE_ENV)
+    os.environ[COMMAND_LINE_ENV] = json.dumps(command_line)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[COMMAND_LINE_ENV]
+        else:
+            os.environ[COMMAND_LINE_ENV] = before
 
 
 def recipe_script(name: str, recipe: recipe_registry.Recipe | None) -> Path:

@@ -82,7 +82,8 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int, alpha:
     return merged
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights with every adapter folded in: what a merged export writes."""
+def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter folded in: what a merged export writes. `state_dict`
+    stands in for the model's own tensors when those are shards (gathered whole from the ranks)."""
     first = next(m for m in model.modules() if isinstance(m, LoRALinear))
-    return merge_lora_state_dict(model.state_dict(), first.rank, first.alpha)
+    return merge_lora_state_dict(model.state_dict() if state_dict is None else state_dict, first.rank, first.alpha)

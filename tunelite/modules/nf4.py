@@ -32,13 +32,16 @@ __all__ = ["FrozenNF4Linear", "NF4Tensor", "dequantize", "frozen_linear", "quant
 BLOCK_SIZE = 64
 
 
-def quantize_nf4(weight: torch.Tensor) -> NF4Tensor:
+def quantize_nf4(weight: torch.Tensor, shards: int = 1) -> NF4Tensor:
     """NF4 with torchao's block sizes (64 values per scale, 256 scales per double-quantized
-    scale) where the shape allows, else the largest scaler block that divides it (tiny test models)."""
+    scale) where the shape allows, else the largest scaler block that divides it (tiny test models).
+
+    `shards`: the number of row shards FSDP will cut the tensor into; each must hold whole scaler
+    blocks (always so for real model sizes, where this changes nothing)."""
     if weight.numel() % BLOCK_SIZE:
         raise ValueError(f"NF4 needs a multiple of {BLOCK_SIZE} values, got shape {tuple(weight.shape)}")
     scaler_block = 256
-    while (weight.numel() // BLOCK_SIZE) % scaler_block:
+    while (weight.numel() // BLOCK_SIZE // shards) % scaler_block:
         scaler_block //= 2
     return to_nf4(weight, BLOCK_SIZE, scaler_block)
 

@@ -1,5 +1,11 @@
 """Pieces of the training loop shared by every recipe; the loop itself stays in the recipe."""
 
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
 from functools import partial
 from typing import Any, Iterator
 
@@ -7,12 +13,15 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader, Dataset
 
+from tunelite.cli.run import COMMAND_LINE_ENV
 from tunelite.config import instantiate
 from tunelite.data.collate import padded_collate
-from tunelite.errors import ConfigError
+from tunelite.distributed.process import is_main_process, set_gradient_sync, sum_over_ranks
+from tunelite.errors import ConfigError, NonFiniteError
 from tunelite.modules.loss import IGNORE_INDEX
 from tunelite.training.metric_logging import MetricLoggers
 from tunelite.training.device import memory_stats
+from tunelite.training.optimizers import OptimizerInBackward
 from tunelite.training.progress import progress_bar
 from tunelite.training.sampler import ResumableSampler
 
@@ -50,24 +59,39 @@ def epoch_batches(loader: DataLoader, epoch: int, skip_batches: int = 0) -> Iter
     return iter(loader)
 
 
+def window_indices(loader: DataLoader, epoch: int, step_in_epoch: int, size: int) -> list[int]:
+    """The dataset indices (this rank's) of one optimizer step's samples, as epoch_batches visits
+    them: what a report on a bad step names, so its rows can be looked at."""
+    per_step = loader.batch_size * size
+    return loader.sampler.indices(epoch)[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+
+
 def next_window(batches: Iterator[dict[str, torch.Tensor]], size: int) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The micro-batches of one optimizer step and their labelled-token count, known before the
-    first backward so every token weighs the same however the batches split."""
+    first backward so every token weighs the same however the batches split (or the ranks: the
+    count is over every rank's micro-batches when distributed)."""
     window = [next(batches) for _ in range(size)]
-    return window, int(sum((b["labels"] != IGNORE_INDEX).sum() for b in window))
+    return window, int(sum_over_ranks(sum((b["labels"] != IGNORE_INDEX).sum() for b in window)))
+
+
+def weighted_loss(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor], num_labels: int, device: torch.device
+) -> torch.Tensor:
+    """One micro-batch's forward: its loss weighted by its share of the step's labelled tokens."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+    loss = loss_fn(hidden, batch["labels"], model.output)
+    share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
+    return loss * share
 
 
 def forward_backward(
     model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor], num_labels: int, device: torch.device
 ) -> torch.Tensor:
-    """One micro-batch's forward and backward, its loss weighted by its share of the step's
-    labelled tokens; returns that weighted loss (detached) for logging."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
-    loss = loss_fn(hidden, batch["labels"], model.output)
-    share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
-    (loss * share).backward()
-    return loss.detach() * share
+    """One micro-batch's forward and backward; returns its weighted loss (detached) for logging."""
+    loss = weighted_loss(model, loss_fn, batch, num_labels, device)
+    loss.backward()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -98,19 +122,24 @@ class StepReporter:
                  log_every: int, log_memory: bool) -> None:
         self.logger, self.total_steps, self.device = logger, total_steps, device
         self.log_every, self.log_memory = log_every, log_memory
-        self.bar = progress_bar(total_steps, initial=initial_step)
+        self.bar = progress_bar(total_steps, initial=initial_step, disable=not is_main_process())
 
     def report(self, step: int, epoch: int, loss: torch.Tensor, lr: float, num_tokens: int, seconds: float,
-               grad_norm: torch.Tensor | None) -> None:
+               grad_norm: torch.Tensor | None, skipped_steps: int = 0) -> None:
         metrics = {"loss": loss.item(), "lr": lr, "tokens_per_s": num_tokens / seconds}
         self.bar.update(1)
         self.bar.set_postfix(format_metrics(metrics))
         if step % self.log_every == 0 or step == self.total_steps:
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm.item()
+            metrics["skipped_steps"] = skipped_steps
             if self.log_memory:
                 metrics.update(memory_stats(self.device))
             self.logger.log_dict({"epoch": epoch, **metrics}, step)
+
+    def note(self, message: str) -> None:
+        """A line on stderr above the progress bar, which stays whole below it."""
+        self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -122,14 +151,109 @@ def optimizer_step(
     optimizer: Any, clip_grad_norm: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward and backward over the step's micro-batches, clip, step; returns the step's loss and
-    the gradient norm before clipping (None without clipping)."""
+    the gradient norm before clipping.
+
+    When either is not finite the gradients are dropped and the optimizer does not step, so the
+    weights stay as they were, and the caller decides whether to go on (StepLoop.step_done skips
+    up to skip_nonfinite_steps such steps). The check costs one reduction over the gradients and
+    a device sync, which reading the loss for the progress bar makes anyway."""
     device = model.tok_embeddings.weight.device
-    step_loss = sum(forward_backward(model, loss_fn, batch, num_labels, device) for batch in window)
+    if isinstance(optimizer, OptimizerInBackward):
+        return _step_in_backward(model, loss_fn, window, num_labels, device)
+    losses = []
+    for i, batch in enumerate(window):
+        # A sharded model reduces gradients across ranks once per step, after the last micro-batch.
+        set_gradient_sync(model, i == len(window) - 1)
+        losses.append(forward_backward(model, loss_fn, batch, num_labels, device))
+    # The whole global batch's loss, so that every rank takes the same decision below.
+    step_loss = sum_over_ranks(sum(losses))
     trained = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip_grad_norm) if clip_grad_norm else None
-    optimizer.step()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+    if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+        if clip_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(trained, clip_grad_norm, grad_norm)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
+
+
+def _step_in_backward(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, window: list[dict[str, torch.Tensor]], num_labels: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """optimizer_step for OptimizerInBackward, which steps each weight the moment its gradient is
+    ready. The one check that can come before any weight changes is the loss's, between forward
+    and backward: a non-finite loss skips backward and so the step (gradient norm None). A finite
+    loss whose gradients are not (an overflow inside backward) shows only once the weights have
+    taken it; that raises NonFiniteError whatever skip_nonfinite_steps says."""
+    (batch,) = window  # optimizer_in_bwd allows no gradient accumulation
+    loss = weighted_loss(model, loss_fn, batch, num_labels, device)
+    if not torch.isfinite(loss):
+        return loss.detach(), None
+    norms: list[torch.Tensor] = []
+    # Tensor hooks run before the gradient is accumulated, so before the optimizer's own hook.
+    hooks = [p.register_hook(lambda grad: norms.append(torch.linalg.vector_norm(grad)))
+             for p in model.parameters() if p.requires_grad]
+    try:
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(
+            f"the gradient norm is {grad_norm.item()} although the loss ({loss.item():.4g}) is finite; "
+            "optimizer_in_bwd: True had already stepped each weight during backward, so the run stops "
+            "whatever skip_nonfinite_steps says"
+        )
+    return loss.detach(), grad_norm
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) taken as a request to stop after the
+    step in progress, with a checkpoint, instead of an end that loses every step since the last one.
+
+    Handlers are installed only while entered, and only in the main thread (the one Python delivers
+    signals to). The first signal puts back the system's default handlers, so a second one ends
+    the process at once, even inside a C call that never returns to Python (a hung collective);
+    all it can cut short is a checkpoint's temporary folder, which the next resume deletes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler installed outside Python, which Python cannot put back.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for other in self.SIGNALS:
+            signal.signal(other, signal.SIG_DFL)
+        # A plain print: the handler may run while the progress bar holds its lock.
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint; "
+              "send it again to stop at once", file=sys.stderr, flush=True)
+
+
+def resume_command() -> str:
+    """The command line that continues this run from its newest checkpoint: the user's own, as
+    `tunelite run` recorded it (in-process, sys.argv holds only the recipe's arguments), else this
+    process's, with any resume_from_checkpoint override replaced by resume_from_checkpoint=True."""
+    recorded = os.environ.get(COMMAND_LINE_ENV)
+    argv = json.loads(recorded) if recorded else [sys.executable, *sys.argv]
+    kept = [arg for arg in argv if arg.lstrip("+~").partition("=")[0] != "resume_from_checkpoint"]
+    # A config without the key got it from a `+` override, and needs one again.
+    added = any(arg.startswith("+resume_from_checkpoint=") for arg in argv)
+    return shlex.join([*kept, f"{'+' if added else ''}resume_from_checkpoint=True"])
 
 
 def build_metric_logger(node: DictConfig | ListConfig | list) -> MetricLoggers:

@@ -55,20 +55,33 @@ def load_checkpoint_into(
 
     Weights of QLoRA layers are quantized to NF4 as each one reaches the device, so the model in
     bf16 never exists whole in GPU memory."""
-    quantized = {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "quantize_base", False)}
+    quantized = nf4_weight_names(model)
     state = {}
     for key, value in checkpointer.load(model.args).items():
         value = value.to(device=device, dtype=dtype)
         state[key] = quantize_nf4(value) if key in quantized else value
+    assign_checkpoint(model, state, checkpointer.checkpoint_dir, device, dtype)
+    return model
+
+
+def assign_checkpoint(
+    model: nn.Module, state: dict[str, torch.Tensor], checkpoint_dir: str, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Assigns checkpoint tensors (whole, or this rank's shards) into a meta-device model, names any
+    that do not fit it, and initialises what the checkpoint lacks."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not is_adapter_key(k)]
     if missing or unexpected:
         raise CheckpointError(
-            f"{checkpointer.checkpoint_dir}: weights do not fit the model: "
+            f"{checkpoint_dir}: weights do not fit the model: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
     materialize_meta_tensors(model, device, dtype)
-    return model
+
+
+def nf4_weight_names(model: nn.Module) -> set[str]:
+    """The weights a QLoRA model keeps in NF4 (quantized as they load), by state-dict name."""
+    return {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "quantize_base", False)}
 
 
 def compile_layers(model: TransformerDecoder) -> None:

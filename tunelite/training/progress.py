@@ -5,5 +5,7 @@ import sys
 from tqdm import tqdm
 
 
-def progress_bar(total: int, initial: int = 0, desc: str = "train") -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+def progress_bar(total: int, initial: int = 0, desc: str = "train", disable: bool = False) -> tqdm:
+    """`disable`: no bar at all, e.g. on all ranks but the first of a distributed run."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr,
+                disable=disable)

@@ -3,7 +3,8 @@
 A resumed run must see exactly the batches the uninterrupted run would have seen. Deriving each
 epoch's permutation from the seed and the epoch number, instead of from a generator's running
 state, makes that a matter of skipping the batches already done. Ranks of a distributed run
-take interleaved slices of the same permutation, as torch's DistributedSampler does.
+take interleaved slices of the same permutation, as torch's DistributedSampler does, so the k-th
+batches of N ranks together hold the samples of a single process's k-th batch N times as large.
 """
 
 from typing import Iterator
@@ -25,9 +26,11 @@ class ResumableSampler(Sampler[int]):
         """Begin `epoch` at this rank's `start`-th sample (0 for a fresh epoch)."""
         self.epoch, self.start = epoch, start
 
-    def indices(self) -> list[int]:
+    def indices(self, epoch: int | None = None) -> list[int]:
+        """This rank's dataset indices for a whole epoch, in visiting order (the current epoch by default)."""
+        epoch = self.epoch if epoch is None else epoch
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(self.num_samples)
         usable = self.num_samples - self.num_samples % self.world_size

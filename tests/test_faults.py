@@ -1,0 +1,347 @@
+"""Runs that fail, whatever the fault, lose at most the steps since their last checkpoint, never
+load anything half-written, say what went wrong, and resume to the losses, bit for bit, of the
+run that never failed (`uninterrupted`: the tiny LoRA demo, 36 steps, dropout on, a checkpoint
+every 5 steps)."""
+
+import errno
+import io
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from conftest import TINY, random_model
+from faults_helpers import (  # noqa: F401 (uninterrupted: a fixture)
+    TOTAL_STEPS,
+    NonFiniteAtSteps,
+    command,
+    last_step,
+    metrics,
+    resume_and_compare,
+    run_args,
+    slow_writes_command,
+    uninterrupted,
+    wait_for,
+)
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+
+from tunelite.checkpointing import peft
+from tunelite.checkpointing.atomic import TMP_PREFIX, folder_bytes, verify_folder
+from tunelite.checkpointing.state import checkpoint_folders
+from tunelite.cli.main import main
+from tunelite.cli.run import COMMAND_LINE_ENV
+from tunelite.config import instantiate, load_config, resolve_config_path
+from tunelite.errors import NonFiniteError
+from tunelite.training.loop import optimizer_step, resume_command
+from tunelite.training.optimizers import OptimizerInBackward
+from tunelite.training.sampler import ResumableSampler
+
+SLOW_WRITE_SECONDS = 0.5
+NAN_LOSS = "loss._component_=faults_helpers.NonFiniteAtSteps"
+
+
+def leftovers(out: Path) -> list[Path]:
+    return list(out.glob(f"{TMP_PREFIX}*"))
+
+
+def samples_of_step(step: int) -> list[int]:
+    """The dataset indices the demo trains on at `step` (8 per batch, 12 steps an epoch), from the
+    sampler's definition: each epoch's order follows from the seed and the epoch alone."""
+    cfg = load_config(resolve_config_path("tiny/lora_cpu"), [])
+    OmegaConf.resolve(cfg)
+    dataset = instantiate(cfg.dataset, instantiate(cfg.tokenizer))
+    epoch, position = divmod(step - 1, 12)
+    return ResumableSampler(len(dataset), shuffle=True, seed=0).indices(epoch)[position * 8:(position + 1) * 8]
+
+
+def step_named(step: int) -> str:
+    return f"step {step} (dataset samples {', '.join(map(str, samples_of_step(step)))})"
+
+
+# --- killed: SIGKILL -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_step_loses_only_the_steps_since_the_last_checkpoint(tmp_path, uninterrupted, seed):
+    rng = random.Random(seed)
+    kill_after = rng.randint(6, 30)  # past the first checkpoint, well before the end
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: last_step(out) >= kill_after, proc, f"step {kill_after}")
+    time.sleep(rng.uniform(0, 0.02))
+    proc.kill()
+    proc.wait()
+    assert not (out / f"step_{TOTAL_STEPS}").exists(), "the run finished before the kill; the test proved nothing"
+    assert resume_and_compare(out, uninterrupted) <= 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_one_before_it(tmp_path, uninterrupted, seed):
+    rng = random.Random(seed)
+    step = rng.choice([10, 20, 30])  # checkpoints at multiples of 5 and 12: these follow one 5 steps before
+    out = tmp_path / "run"
+    # keep_last_n_checkpoints=1: the previous checkpoint must still be there while the next is written.
+    proc = subprocess.Popen(slow_writes_command(SLOW_WRITE_SECONDS, out, "keep_last_n_checkpoints=1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(out.glob(f"{TMP_PREFIX}step_{step}-*")), proc, f"the write of step_{step}")
+    time.sleep(rng.uniform(0, SLOW_WRITE_SECONDS / 2))
+    proc.kill()
+    proc.wait()
+    assert any(out.glob(f"{TMP_PREFIX}step_{step}-*")), "the kill missed the write; the test proved nothing"
+    assert [folder.name for folder in checkpoint_folders(out)] == [f"step_{step - 5}"]
+    verify_folder(out / f"step_{step - 5}")
+    assert resume_and_compare(out, uninterrupted) == 5
+
+
+# --- stopped: SIGTERM, SIGINT --------------------------------------------------------------------
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, uninterrupted):
+    out, stderr = tmp_path / "run", tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: last_step(out) >= 7, proc, "step 7")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    stopped = last_step(out)
+    assert stopped < TOTAL_STEPS, "the run finished before the signal; the test proved nothing"
+    assert checkpoint_folders(out)[-1] == out / f"step_{stopped}"
+    verify_folder(out / f"step_{stopped}")
+    printed = re.search(r"SIGTERM: stopped after step (\d+) of 36, checkpoint (\S+); resume with:\n  (.+)\n",
+                        stderr.read_text())
+    assert printed, stderr.read_text()[-2000:]
+    assert (int(printed[1]), printed[2]) == (stopped, str(out / f"step_{stopped}"))
+    resume = shlex.split(printed[3])
+    assert resume == ["tunelite", *run_args(out, "resume_from_checkpoint=True")]
+    assert resume_and_compare(out, uninterrupted, resume[1:]) == 0
+
+
+def test_the_resume_command_is_the_users_own_with_any_resume_override_replaced(monkeypatch):
+    monkeypatch.setenv(COMMAND_LINE_ENV, json.dumps(
+        ["tunelite", "run", "my_recipe.py", "--config", "my.yaml", "+resume_from_checkpoint=out/step_5", "lr=1e-4"]))
+    assert resume_command() == "tunelite run my_recipe.py --config my.yaml lr=1e-4 +resume_from_checkpoint=True"
+    # Run as `python recipe.py ...`, without the CLI: this process's own command line.
+    monkeypatch.delenv(COMMAND_LINE_ENV)
+    monkeypatch.setattr(sys, "argv", ["recipe.py", "--config", "my.yaml", "resume_from_checkpoint=False"])
+    assert resume_command() == shlex.join([sys.executable, "recipe.py", "--config", "my.yaml",
+                                           "resume_from_checkpoint=True"])
+
+
+def test_a_second_sigint_ends_the_run_at_once(tmp_path, uninterrupted):
+    out, stderr = tmp_path / "run", tmp_path / "stderr"
+    slow = 10 * SLOW_WRITE_SECONDS
+    with open(stderr, "w") as err:
+        # Checkpoints at epoch ends only, so the first SIGINT's stop has one to write, slowly.
+        proc = subprocess.Popen(slow_writes_command(slow, out, "save_every_n_steps=null"),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: last_step(out) >= 2, proc, "step 2")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: any(out.glob(f"{TMP_PREFIX}step_*")), proc, "the stop's checkpoint write")
+        assert "SIGINT: stopping after this step" in stderr.read_text()
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        assert proc.wait(timeout=60) == -signal.SIGINT, "the second SIGINT did not end the run by the signal"
+        assert time.monotonic() - sent < slow / 2, "the second SIGINT waited for the checkpoint write"
+    assert checkpoint_folders(out) == [], "the checkpoint write the second SIGINT cut short was completed"
+    resume_and_compare(out, uninterrupted)
+
+
+# --- non-finite loss or gradient -----------------------------------------------------------------
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_step_and_samples_without_checkpointing(
+    tmp_path, uninterrupted, capsys
+):
+    out = tmp_path / "run"
+    assert main(run_args(out, NAN_LOSS, "+loss.nan_loss_at=[7]")) == 2
+    message = capsys.readouterr().err
+    assert f"{step_named(7)}: the loss is nan, the gradient norm nan; the optimizer did not step" in message
+    assert f"The newest complete checkpoint is {out / 'step_5'}" in message
+    assert last_step(out) == 6
+    assert checkpoint_folders(out) == [out / "step_5"]
+    assert resume_and_compare(out, uninterrupted) == 1
+
+
+def test_skip_nonfinite_steps_skips_that_many_while_data_and_schedule_move_on_then_stops(
+    tmp_path, uninterrupted, capsys
+):
+    out = tmp_path / "run"
+    assert main(run_args(out, NAN_LOSS, "+loss.nan_loss_at=[7,9]", "+skip_nonfinite_steps=1")) == 2
+    message = capsys.readouterr().err
+    assert f"{step_named(7)}: the loss is nan, the gradient norm nan; skipped (1 of skip_nonfinite_steps: 1)" in message
+    assert f"{step_named(9)}: the loss is nan" in message and "(now 1, 1 skipped)" in message
+    rows = metrics(out)
+    assert sorted(rows) == list(range(1, 9))
+    assert [rows[step]["skipped_steps"] for step in (6, 7, 8)] == [0, 1, 1]
+    assert math.isnan(rows[7]["loss"])
+    assert all(rows[step]["loss"] == uninterrupted[step]["loss"] for step in range(1, 7))
+    assert rows[8]["lr"] == uninterrupted[8]["lr"], "the LR schedule did not move on over the skipped step"
+    assert rows[8]["loss"] != uninterrupted[8]["loss"], "step 7's update was applied although it was skipped"
+    assert checkpoint_folders(out) == [out / "step_5"]
+
+
+def tiny_step(in_backward: bool) -> tuple[torch.nn.Module, Any, list[dict[str, torch.Tensor]]]:
+    """A full fine-tune's pieces on a tiny model: model, optimizer (stepped in backward or not), one batch."""
+    model = random_model()
+    if in_backward:
+        optimizer = OptimizerInBackward(model.parameters(), lambda one: torch.optim.AdamW(one, lr=0.1))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, optimizer, [{"tokens": tokens, "labels": tokens}]
+
+
+def stepped(optimizer: Any) -> bool:
+    """Whether any weight has optimizer state, which AdamW creates on its first step."""
+    optimizers = optimizer.optimizers if isinstance(optimizer, OptimizerInBackward) else [optimizer]
+    return any(opt.state for opt in optimizers)
+
+
+@pytest.mark.parametrize("in_backward", [False, True], ids=["optimizer", "optimizer_in_backward"])
+def test_a_nonfinite_loss_leaves_weights_gradients_and_optimizer_state_untouched(in_backward):
+    model, optimizer, window = tiny_step(in_backward)
+    loss_fn = NonFiniteAtSteps(nan_loss_at=[1], num_chunks=1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss, _ = optimizer_step(model, loss_fn, window, 32, optimizer, clip_grad_norm=None)
+    assert loss.isnan()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not stepped(optimizer)
+    loss, _ = optimizer_step(model, loss_fn, window, 32, optimizer, clip_grad_norm=None)
+    assert loss.isfinite() and stepped(optimizer), "the next, finite step did not step: the test proved nothing"
+    assert not torch.equal(model.output.weight, before["output.weight"])
+
+
+def test_a_nonfinite_gradient_under_a_finite_loss_leaves_the_weights_untouched():
+    model, optimizer, window = tiny_step(in_backward=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss, grad_norm = optimizer_step(model, NonFiniteAtSteps(nan_gradient_at=[1], num_chunks=1), window, 32,
+                                     optimizer, clip_grad_norm=1.0)
+    assert loss.isfinite() and grad_norm.isnan()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_nonfinite_gradient_after_optimizer_in_backward_stepped_stops_whatever_the_skip_budget():
+    model, optimizer, window = tiny_step(in_backward=True)
+    with pytest.raises(NonFiniteError, match=r"gradient norm is nan .* optimizer_in_bwd: True had already stepped"):
+        optimizer_step(model, NonFiniteAtSteps(nan_gradient_at=[1], num_chunks=1), window, 32, optimizer, None)
+
+
+# --- a folder that cannot be written, a disk that fills up -------------------------------------
+
+
+def test_an_output_folder_that_cannot_be_created_stops_at_the_first_checkpoint_naming_it(tmp_path, capsys):
+    # A path under a regular file: no one can create it, root included, unlike a chmod-ed folder.
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    assert main(run_args(out, f"metric_logger.1.log_dir={tmp_path / 'logs'}")) == 2
+    message = capsys.readouterr().err
+    assert f"could not write the checkpoint {out / 'step_5'}: Not a directory [ENOTDIR]" in message
+    assert f"make {out} writable or set output_dir to another folder" in message
+    assert "There is no complete checkpoint yet." in message
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "no permission"])
+def test_an_output_folder_turning_unwritable_stops_at_the_next_checkpoint_naming_it(
+    tmp_path, uninterrupted, capsys, monkeypatch, code
+):
+    out = tmp_path / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(path: Path, *args: Any, **kwargs: Any) -> None:
+        if path.name.startswith(f"{TMP_PREFIX}step_") and (out / "step_5").exists():
+            raise OSError(code, os.strerror(code), str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(run_args(out)) == 2
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert f"could not write the checkpoint {out / 'step_10'}: {os.strerror(code)} [{errno.errorcode[code]}]" in message
+    assert f"The newest complete checkpoint is {out / 'step_5'}" in message
+    assert resume_and_compare(out, uninterrupted) == 5
+
+
+def test_a_disk_without_room_for_the_next_checkpoint_stops_before_writing_it(
+    tmp_path, uninterrupted, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=1000) if (out / "step_5").exists() else real_usage(path))
+    assert main(run_args(out)) == 2
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    needed = folder_bytes(out / "step_5")  # the estimate: the previous checkpoint's size
+    assert (f"the checkpoint {out / 'step_10'} needs about {needed / 2**20:.1f} MiB but its disk has 0.0 MiB free"
+            in message)
+    assert not leftovers(out) and checkpoint_folders(out) == [out / "step_5"]
+    assert resume_and_compare(out, uninterrupted) == 5
+
+
+def torch_save_filling_the_disk(out: Path, partial: list[Path]) -> Callable[..., None]:
+    """torch.save as it fails on a full disk (as measured on a small tmpfs): it leaves the part it
+    wrote and raises a RuntimeError that says nothing about space. Strikes after step_5."""
+    real_save = torch.save
+
+    def save(obj: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+        if not (out / "step_5").exists():
+            return real_save(obj, path, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(path).write_bytes(buffer.getvalue()[:100])
+        partial.append(Path(path))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    return save
+
+
+def safetensors_filling_the_disk(out: Path, partial: list[Path]) -> Callable[..., None]:
+    """safetensors' save_file as it fails on a full disk: it deletes its partial file and names the
+    OS error only in its message. Strikes after step_5."""
+    real_save_file = peft.save_file
+
+    def save_file(tensors: dict[str, torch.Tensor], path: Path, *args: Any, **kwargs: Any) -> None:
+        if not (out / "step_5").exists():
+            return real_save_file(tensors, path, *args, **kwargs)
+        partial.append(Path(path))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return save_file
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_disk_filling_up_during_a_write_stops_naming_it_and_leaves_no_partial_folder(
+    tmp_path, uninterrupted, capsys, monkeypatch, writer
+):
+    out = tmp_path / "run"
+    partial: list[Path] = []
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", torch_save_filling_the_disk(out, partial))
+    else:
+        monkeypatch.setattr(peft, "save_file", safetensors_filling_the_disk(out, partial))
+    real_usage = shutil.disk_usage
+    # The disk is full for as long as the part written is on it.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=0)
+                        if any(p.exists() for p in partial) else real_usage(path))
+    assert main(run_args(out)) == 2
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert partial and partial[0].relative_to(out).parts[0].startswith(f"{TMP_PREFIX}step_10-"), "another write failed"
+    assert f"could not write the checkpoint {out / 'step_10'}: No space left on device [ENOSPC]" in message
+    assert "free some space or set output_dir to another disk" in message
+    assert not leftovers(out) and checkpoint_folders(out) == [out / "step_5"]
+    assert resume_and_compare(out, uninterrupted) == 5

@@ -1,0 +1,143 @@
+"""FSDP2 for a LoRA model: shard it while it is still on the meta device, fill each rank's shards
+from the checkpoint, and gather whole tensors back for saving.
+
+Each rank holds 1/N of every weight, the frozen base included, and all-gathers one transformer
+layer at a time for its forward and backward; the gradients of the adapters are summed across
+ranks (reduce-scatter), so every rank steps its shard of the same adapters.
+"""
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from tunelite.checkpointing.hf import HFCheckpointer
+from tunelite.distributed.process import is_main_process
+from tunelite.distributed.tensors import local_shard
+from tunelite.models.llama import TransformerDecoder
+from tunelite.modules.lora import ADAPTER_SUFFIXES, LoRALinear
+from tunelite.modules.nf4 import dequantize, quantize_nf4
+from tunelite.training.model_loading import assign_checkpoint, nf4_weight_names
+
+
+def init_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Gives the adapters of a meta-device model their initial values, on the CPU, drawn from the
+    global RNG in module order exactly as the single-device loader draws them: after the same
+    seed every rank holds the same adapters, and on the CPU the single-device recipe's. (Drawn
+    after sharding, through DTensor's own RNG, they would differ from the single-device ones.)"""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            for name in ADAPTER_SUFFIXES:
+                old = getattr(module, name)
+                setattr(module, name, nn.Parameter(torch.empty_like(old, device="cpu", dtype=dtype), old.requires_grad))
+            module.reset_parameters()
+
+
+def shard_model(
+    model: TransformerDecoder, device: torch.device, dtype: torch.dtype, reshard_after_forward: bool
+) -> None:
+    """fully_shard each transformer layer, then the root (embedding, final norm, output projection).
+
+    The root stays gathered from `hidden_states` until its backward, since the loss applies the
+    output projection after `hidden_states` returns. Gradients are summed across ranks, not
+    averaged: each rank's loss is already divided by the labelled tokens of the whole global batch,
+    so the sum is the single-device gradient. In bf16, parameters are gathered in bf16 and
+    gradients reduced in fp32."""
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    mp_policy = MixedPrecisionPolicy()
+    if dtype == torch.bfloat16:
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A plain sum: gloo has no pre-multiplied sum, and NCCL's sum needs no extra scaling pass.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def load_sharded_checkpoint(
+    model: nn.Module, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Fills a sharded meta-device model from the checkpoint: every rank reads the memory-mapped
+    files and keeps its own rows of each tensor, cut on the CPU, so no GPU ever holds more than
+    its shards. QLoRA weights are quantized whole, one tensor at a time on the device, and then
+    cut: NF4's scales are computed over the whole tensor."""
+    world_size = torch.distributed.get_world_size()
+    quantized = nf4_weight_names(model)
+    shards = model.state_dict()
+    state = {}
+    for key, value in checkpointer.load(model.args).items():
+        if key in quantized:
+            state[key] = local_shard(quantize_nf4(value.to(device=device, dtype=dtype), shards=world_size), shards[key])
+        else:
+            state[key] = local_shard(value, shards.get(key), device, dtype)
+    assign_checkpoint(model, state, checkpointer.checkpoint_dir, device, dtype)
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees every gathered parameter and registers the shards again, as after a training step.
+    A forward without backward (validation) leaves the root gathered; saving needs the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def gather_full_state_dict(model: nn.Module, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    """The kept tensors whole, on the CPU and NF4 dequantized, on rank 0; an empty dict on the other
+    ranks. Every rank must call it: each tensor is all-gathered, one at a time, so gathering the
+    adapters moves only them, not the base weights."""
+    reshard(model)
+    gathered = {}
+    for key, value in model.state_dict().items():
+        if not keep(key):
+            continue
+        if isinstance(value, DTensor):
+            local = dequantize(value.to_local())
+            value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
+                                       stride=value.stride()).full_tensor()
+        if is_main_process():
+            gathered[key] = value.detach().cpu()
+    return gathered
+
+
+class ShardedOptimizer:
+    """An optimizer over a sharded model whose checkpoint state is the whole, unsharded one, keyed by
+    parameter name: gathered to rank 0 on save, cut back into each rank's shards on load. The file
+    then reads like a single-device one and does not depend on how the model was split.
+
+    It offers what the loop and the LR schedule use (`param_groups`, `step`, `zero_grad`,
+    `state_dict`, `load_state_dict`); `state_dict` must be called on every rank."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # Looked up each time: loading a state replaces the optimizer's list, and the LR schedule
+        # must set the rate in the list the optimizer steps with.
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        reshard(self.model)
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))

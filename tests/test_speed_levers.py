@@ -68,3 +68,21 @@ def test_compiled_layers_and_loss_keep_loss_and_gradients():
     assert abs(compiled_loss.item() - eager_loss.item()) <= 1e-5
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["bf16_base", "nf4_base"])
+def test_lora_scaling_b_instead_of_the_output_equals_the_textbook_formula(quantize_base):
+    torch.manual_seed(0)
+    lora = LoRALinear(256, 128, rank=4, alpha=8, quantize_base=quantize_base)
+    torch.nn.init.normal_(lora.lora_b)
+    x = torch.randn(2, 7, 256, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = lora(x)
+    ref = frozen_linear(x_ref, lora.weight) + (x_ref @ lora.lora_a.T @ lora.lora_b.T) * lora.scaling
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    fused_grads = torch.autograd.grad(out, (x, lora.lora_a, lora.lora_b), grad)
+    ref_grads = torch.autograd.grad(ref, (x_ref, lora.lora_a, lora.lora_b), grad)
+    for fused, expected in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)

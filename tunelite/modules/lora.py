@@ -44,8 +44,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = frozen_linear(x, self.weight)
-        return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
+        # alpha / rank scales the small B rather than the (tokens x out) product: eager PyTorch
+        # would otherwise make one more pass over the layer's output forward and one backward.
+        lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
+        return frozen_linear(x, self.weight) + lora
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"

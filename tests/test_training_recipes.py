@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from itertools import combinations
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tunelite.modules.lora import set_trainable_params
 from tunelite.modules.nf4 import NF4Tensor
 from tunelite.recipe_registry import RECIPES, configs_dir
 from tunelite.training.device import oom_advice
+from tunelite.training.loop import StepReporter
+from tunelite.training.metric_logging import DiskLogger, MetricLoggers
 from tunelite.training.model_loading import load_checkpoint_into
 
 ROW = {"instruction": "Say hello in French.", "input": "", "output": "Bonjour !"}
@@ -129,6 +132,22 @@ def test_profiler_switch_writes_a_trace(tmp_path):
                f"output_dir: {tmp_path / 'trace'}, wait: 1, warmup: 1, active: 2}}")
     traces = list((tmp_path / "trace").glob("*.json"))
     assert len(traces) == 1 and "traceEvents" in traces[0].read_text()
+
+
+def test_tokens_per_s_counts_the_wait_for_the_device(tmp_path):
+    """On a GPU the step's kernels are only queued when the loop reaches the report; reading the
+    loss waits for them. A step timed before that read over-reports tokens/s (by ~20% under compile)."""
+
+    class QueuedLoss:
+        def item(self) -> float:
+            time.sleep(0.2)  # the GPU finishing the step
+            return 1.0
+
+    reporter = StepReporter(MetricLoggers([DiskLogger(str(tmp_path), "m.jsonl")]), 1, 0, torch.device("cpu"), 1, False)
+    reporter.report(1, 0, QueuedLoss(), 1e-3, 1000, time.perf_counter(), None)
+    reporter.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert row["tokens_per_s"] <= 1000 / 0.2
 
 
 def test_out_of_memory_advice_names_what_to_change():

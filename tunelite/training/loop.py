@@ -6,6 +6,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from functools import partial
 from typing import Any, Iterator
 
@@ -124,9 +125,13 @@ class StepReporter:
         self.log_every, self.log_memory = log_every, log_memory
         self.bar = progress_bar(total_steps, initial=initial_step, disable=not is_main_process())
 
-    def report(self, step: int, epoch: int, loss: torch.Tensor, lr: float, num_tokens: int, seconds: float,
+    def report(self, step: int, epoch: int, loss: torch.Tensor, lr: float, num_tokens: int, started: float,
                grad_norm: torch.Tensor | None, skipped_steps: int = 0) -> None:
-        metrics = {"loss": loss.item(), "lr": lr, "tokens_per_s": num_tokens / seconds}
+        """`started`: time.perf_counter() when the step began. The step's time is taken after its
+        loss is read, which waits for the GPU to finish it; taken before, tokens/s would count how
+        fast the host queued the work, not how fast the GPU did it (over-reported under compile)."""
+        loss_value = loss.item()
+        metrics = {"loss": loss_value, "lr": lr, "tokens_per_s": num_tokens / (time.perf_counter() - started)}
         self.bar.update(1)
         self.bar.set_postfix(format_metrics(metrics))
         if step % self.log_every == 0 or step == self.total_steps:

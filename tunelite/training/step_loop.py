@@ -125,7 +125,7 @@ class StepLoop:
         epoch = self.progress.epoch
         self.progress = self.progress.advanced(self.run.steps_per_epoch)
         self.reporter.report(self.progress.step, epoch, loss, float(self.optimizer.param_groups[0]["lr"]), self._num_labels,
-                             time.perf_counter() - self._start, grad_norm, self.progress.skipped_steps)
+                             self._start, grad_norm, self.progress.skipped_steps)
         self.profiler.step()
         eval_every = self.cfg.get("eval_every_n_steps")
         if self.run.val_loader is not None and (self.is_last_step or (eval_every and self.progress.step % eval_every == 0)):

@@ -86,3 +86,16 @@ def test_lora_scaling_b_instead_of_the_output_equals_the_textbook_formula(quanti
     ref_grads = torch.autograd.grad(ref, (x_ref, lora.lora_a, lora.lora_b), grad)
     for fused, expected in zip(fused_grads, ref_grads):
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_scaling_b_keeps_the_tiny_models_loss_and_gradients(monkeypatch):
+    loss, grads = loss_and_grads(compiled=False)
+
+    def textbook(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+
+    monkeypatch.setattr(LoRALinear, "forward", textbook)
+    ref_loss, ref_grads = loss_and_grads(compiled=False)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)

@@ -107,22 +107,22 @@ def test_resolve_config_path_accepts_a_file_path(config_file: Path) -> None:
     assert resolve_config_path(str(config_file)) == config_file
 
 
-def test_resolve_config_path_finds_builtin_name_with_or_without_yaml(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def builtin_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A built-in configs folder holding tiny/lora_cpu.yaml alone."""
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "lora_cpu.yaml").write_text(BASE_YAML)
     monkeypatch.setattr(recipe_registry, "configs_dir", lambda: tmp_path)
-    assert resolve_config_path("tiny/lora_cpu") == tmp_path / "tiny" / "lora_cpu.yaml"
-    assert resolve_config_path("tiny/lora_cpu.yaml") == tmp_path / "tiny" / "lora_cpu.yaml"
+    return tmp_path
 
 
-def test_resolve_config_path_unknown_name_suggests_close_builtin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "lora_cpu.yaml").write_text(BASE_YAML)
-    monkeypatch.setattr(recipe_registry, "configs_dir", lambda: tmp_path)
+def test_resolve_config_path_finds_builtin_name_with_or_without_yaml(builtin_configs: Path) -> None:
+    assert resolve_config_path("tiny/lora_cpu") == builtin_configs / "tiny" / "lora_cpu.yaml"
+    assert resolve_config_path("tiny/lora_cpu.yaml") == builtin_configs / "tiny" / "lora_cpu.yaml"
+
+
+@pytest.mark.usefixtures("builtin_configs")
+def test_resolve_config_path_unknown_name_suggests_close_builtin() -> None:
     with pytest.raises(ConfigError, match="did you mean tiny/lora_cpu"):
         resolve_config_path("tiny/lora_cpuu")
 

@@ -21,31 +21,38 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, uninterrupted, kil
     resume_and_compare(out, uninterrupted)
 
 
+def demo_run(out, *overrides: str) -> int | None:
+    return main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", *overrides])
+
+
+def one_epoch(out) -> None:
+    """The demo's first epoch, its checkpoint in out/step_12."""
+    assert demo_run(out, "epochs=1", "save_merged_model=False") in (0, None)
+
+
+def resume_into_second_epoch(out, *overrides: str) -> int | None:
+    return demo_run(out, "epochs=2", *overrides, "resume_from_checkpoint=True")
+
+
 def test_checkpoint_with_missing_file_is_refused_naming_it(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=1",
-                 "save_merged_model=False"]) in (0, None)
+    one_epoch(out)
     (out / "step_12" / "adapter" / "adapter_config.json").unlink()
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=2",
-                 "resume_from_checkpoint=True"]) == 2
+    assert resume_into_second_epoch(out) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
 
 
 def test_truncated_checkpoint_file_is_refused_naming_it(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=1",
-                 "save_merged_model=False"]) in (0, None)
+    one_epoch(out)
     weights = out / "step_12" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=2",
-                 "resume_from_checkpoint=True"]) == 2
+    assert resume_into_second_epoch(out) == 2
     assert "adapter_model.safetensors is 100 bytes" in capsys.readouterr().err
 
 
 def test_resume_with_changed_batch_size_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=1",
-                 "save_merged_model=False"]) in (0, None)
-    assert main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}", "epochs=2",
-                 "batch_size=4", "resume_from_checkpoint=True"]) == 2
+    one_epoch(out)
+    assert resume_into_second_epoch(out, "batch_size=4") == 2
     assert "batch_size: checkpoint 8, config 4" in capsys.readouterr().err

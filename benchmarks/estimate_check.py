@@ -17,7 +17,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tunelite.config import load_config, validate_config
-from tunelite.training.memory_estimate import GIB, estimate_memory
+from tunelite.recipe_registry import get_recipe, read_declarations
+from tunelite.training.memory_estimate import GIB, estimate_memory, recipe_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = (
@@ -38,9 +39,10 @@ def main() -> None:
             cfg = load_config(ROOT / "recipe_configs" / f"{config}.yaml", [
                 f"checkpointer.checkpoint_dir={a.checkpoint}", f"batch_size={batch}", f"tokenizer.max_seq_len={seq}",
                 "gradient_accumulation_steps=1"])
-            validate_config(cfg)
+            declarations = read_declarations(get_recipe(recipe).path)
+            validate_config(cfg, declarations.keys)
             OmegaConf.resolve(cfg)
-            estimate = estimate_memory(cfg, recipe)
+            estimate = estimate_memory(cfg, recipe_memory(declarations))
             print(f"ESTIMATE recipe={recipe} config={config} batch={batch} seq={seq} "
                   f"predicted_gib={estimate.peak_allocated / GIB:.2f}", flush=True)
 

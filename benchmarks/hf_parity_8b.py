@@ -35,7 +35,7 @@ import transformers
 from tunelite.checkpointing.hf import HFCheckpointer, model_args_from_hf_config, read_hf_config
 from tunelite.models import llama, llama3_1_8b
 from tunelite.models.llama import TransformerDecoder
-from tunelite.training.model_loading import load_checkpoint_into
+from tunelite.checkpointing.loading import load_checkpoint_into
 
 TOLERANCE = 1e-2
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -27,8 +27,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tunelite.checkpointing.hf import model_args_from_hf_config, read_hf_config
+from tunelite.checkpointing import state
 from tunelite.config import load_config, validate_config
-from tunelite.training import step_loop
+from tunelite.recipe_registry import read_declarations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,10 +59,11 @@ def main() -> None:
         f"seq_len: {a.seq}, vocab_size: {vocab}}}",
         *a.overrides,
     ])
-    validate_config(cfg)
+    script = ROOT / "recipes" / f"{a.recipe}.py"
+    validate_config(cfg, read_declarations(script).keys)
     OmegaConf.resolve(cfg)
-    step_loop.save_checkpoint = lambda *args, **kwargs: None  # measure training, not writing 16 GB
-    runpy.run_path(str(ROOT / "recipes" / f"{a.recipe}.py"))["main"](cfg)
+    state.save_checkpoint = lambda *args, **kwargs: None  # measure training, not writing 16 GB
+    runpy.run_path(str(script))["main"](cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return
 

@@ -14,8 +14,14 @@ from omegaconf import DictConfig
 
 from tunelite.config import instantiate, recipe_entry
 from tunelite.generation import ChatSession, GenerationSettings, load_generation_model
-from tunelite.training.device import get_device, get_dtype
-from tunelite.training.seed import set_seed
+from tunelite.runtime.device import get_device, get_dtype
+from tunelite.runtime.seed import set_seed
+
+# Every config key this recipe reads: `tunelite validate`, `run` and `generate` refuse any other.
+CONFIG_KEYS = {
+    "required": ("checkpointer", "tokenizer", "device", "dtype", "seed", "max_new_tokens", "temperature"),
+    "optional": ("adapter_dir", "model", "top_k", "top_p", "chat", "system_prompt", "prompt"),
+}
 
 
 def main(cfg: DictConfig) -> None:

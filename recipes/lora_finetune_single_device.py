@@ -7,42 +7,187 @@ What makes this LoRA: the base weights are frozen and only the adapters reach th
 checkpoints hold just the adapter (peft layout), and the last one adds the adapter merged into
 a full Hugging Face checkpoint. QLoRA is the same recipe with a `qlora_*` model, whose frozen
 base weights are stored in NF4 and dequantized layer by layer in the forward pass.
+
+The training loop is written out in `main` below, top to bottom. To change it (another loss
+term, another step, other metrics), copy this file and edit the copy:
+
+    tunelite cp lora_finetune_single_device my_recipe.py
+    tunelite run my_recipe.py --config my.yaml
+
+A key your copy reads from the config goes into its CONFIG_KEYS, so `tunelite validate` accepts it.
 """
 
+import time
+from functools import partial
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
+from tunelite.checkpointing.loading import load_checkpoint_into
 from tunelite.checkpointing.peft import load_adapter_into, save_peft_adapter
+from tunelite.checkpointing.state import (
+    Progress,
+    find_resume_folder,
+    load_training_state,
+    run_fingerprint,
+    save_checkpoint,
+)
 from tunelite.config import instantiate, recipe_entry
+from tunelite.data.collate import padded_collate
+from tunelite.data.loader import build_dataloader, epoch_batches, labelled_tokens, step_sample_indices, steps_per_epoch
+from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.lora import merged_state_dict, set_trainable_params
-from tunelite.training import StepLoop, build_loss, load_pretrained_model, optimizer_step, setup_run
+from tunelite.modules.loss import IGNORE_INDEX
+from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
+from tunelite.runtime.seed import set_seed
+from tunelite.training.compile import compile_layers
+from tunelite.training.nonfinite import is_finite, skip_nonfinite_step
+from tunelite.training.oom import advice_on_oom
+from tunelite.training.profiling import build_profiler
+from tunelite.training.reporting import StepReporter, build_metric_loggers
+from tunelite.training.signals import StopRequest
+from tunelite.training.validation import validation_loss
+
+# Every config key this recipe reads: `tunelite validate` and `run` refuse a config with any other
+# (naming it and a close match) or without a required one. A copy that reads a new key adds it here.
+CONFIG_KEYS = {
+    "required": (
+        "output_dir", "model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss",
+        "metric_logger", "seed", "shuffle", "batch_size", "epochs", "gradient_accumulation_steps", "device", "dtype",
+        "compile", "enable_activation_checkpointing", "log_every_n_steps",
+    ),
+    "optional": (
+        "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
+        "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
+        "resume_from_checkpoint", "log_peak_memory_stats",
+    ),
+}
+# What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
+MEMORY = {"trains": "adapters", "sequences_per_sample": 1}
 
 
 def main(cfg: DictConfig) -> None:
-    run = setup_run(cfg)
+    device = get_device(cfg.device)
+    dtype = get_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    logger = build_metric_loggers(cfg.metric_logger)
+    logger.log_config(cfg)
+
+    # Data: token ids and labels, batched in an order a resumed run can reproduce.
+    tokenizer = instantiate(cfg.tokenizer)
+    dataset = instantiate(cfg.dataset, tokenizer)
+    collate = partial(padded_collate, pad_id=tokenizer.pad_id)
+    loader = build_dataloader(dataset, cfg.batch_size, cfg.shuffle, cfg.seed, collate)
+    val_loader = None
+    if cfg.get("val_dataset") or cfg.dataset.get("val_fraction"):
+        # A dataset of its own, or the held-out share of the training source.
+        val_set = (instantiate(cfg.val_dataset, tokenizer) if cfg.get("val_dataset")
+                   else instantiate(cfg.dataset, tokenizer, partition="validation"))
+        val_loader = build_dataloader(val_set, cfg.batch_size, False, cfg.seed, collate, drop_last=False)
+    accumulation = cfg.gradient_accumulation_steps
+    epoch_steps = steps_per_epoch(loader, accumulation, cfg.get("max_steps_per_epoch"))
+    total_steps = epoch_steps * cfg.epochs
+
+    # The model, built on the meta device and filled from the checkpoint; only lora_a / lora_b learn.
     checkpointer = instantiate(cfg.checkpointer)
-    model = load_pretrained_model(cfg.model, checkpointer, run.device, run.dtype,
-                                  cfg.enable_activation_checkpointing, cfg.compile)
-    set_trainable_params(model)  # only lora_a / lora_b learn; the base stays as downloaded
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    load_checkpoint_into(model, checkpointer, device, dtype)
+    set_trainable_params(model)
+    set_activation_checkpointing(model, 1 if cfg.enable_activation_checkpointing else 0)
+    if cfg.compile:
+        compile_layers(model)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, adapters)
-    loss_fn = build_loss(cfg.loss, cfg.compile)
+    scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+    loss_fn = instantiate(cfg.loss)
+    if cfg.compile:
+        loss_fn.compile()
+
+    # Checkpoints: the adapter (peft layout), at the end also merged into the base; resumed from
+    # the newest one when the config asks, with optimizer, schedule, RNG and data position.
+    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation, epoch_steps,
+                                  cfg.shuffle, cfg.seed)
 
     def write_adapter(folder: Path) -> None:
         save_peft_adapter(model, folder / "adapter", base_model_name_or_path=str(checkpointer.checkpoint_dir))
-        if cfg.save_merged_model and loop.is_last_step:
+        if cfg.get("save_merged_model", False) and progress.step == total_steps:
             checkpointer.save(merged_state_dict(model), folder / "model")
 
-    def restore_adapter(folder: Path) -> None:
-        load_adapter_into(model, folder / "adapter")
+    def save() -> Path:
+        return save_checkpoint(output_dir, progress, write_adapter, optimizer, scheduler, fingerprint,
+                               cfg.get("keep_last_n_checkpoints"))
 
-    with StepLoop(cfg, run, model, loss_fn, optimizer, write_adapter, restore_adapter) as loop:
-        for window, num_labels in loop.windows():
-            loss, grad_norm = optimizer_step(model, loss_fn, window, num_labels, optimizer, cfg.clip_grad_norm)
-            loop.step_done(loss, grad_norm)
-    merged = f", {loop.last_checkpoint / 'model'} (merged, HF layout)" if cfg.save_merged_model else ""
-    print(f"done: {loop.last_checkpoint / 'adapter'} (peft layout){merged}")
+    progress, saved_step = Progress(), None
+    resume = find_resume_folder(cfg.get("resume_from_checkpoint", False), output_dir)
+    if resume is not None:
+        load_adapter_into(model, resume / "adapter")
+        progress = load_training_state(resume, optimizer, scheduler, fingerprint)
+        saved_step = progress.step
+        print(f"resumed from {resume}: step {progress.step} of {total_steps}")
+
+    reporter = StepReporter(logger, total_steps, progress.step, device, cfg.log_every_n_steps,
+                            cfg.get("log_peak_memory_stats", False))
+    profiler = instantiate(cfg.profiler) if cfg.get("profiler") else build_profiler()
+    skip_limit = cfg.get("skip_nonfinite_steps") or 0
+    model.train()
+    reset_peak_memory(device)
+    with reporter, profiler, StopRequest() as stop, advice_on_oom(
+            cfg.batch_size, accumulation, cfg.enable_activation_checkpointing):
+        for epoch in range(progress.epoch, cfg.epochs):
+            batches = epoch_batches(loader, epoch, skip_batches=progress.step_in_epoch * accumulation)
+            while progress.epoch == epoch:
+                if stop.requested():  # SIGTERM / Ctrl-C: stop between steps, with a checkpoint
+                    if saved_step != progress.step:
+                        save()
+                    raise stop.stopped(progress.step, total_steps, output_dir / f"step_{progress.step}")
+                started = time.perf_counter()
+
+                # One optimizer step over `accumulation` micro-batches. Each micro-batch's mean loss is
+                # weighted by its share of the step's labelled tokens, so every token counts the same.
+                window = [next(batches) for _ in range(accumulation)]
+                num_labels = labelled_tokens(window)
+                step_loss = torch.zeros((), device=device)
+                for batch in window:
+                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+                    share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
+                    loss = loss_fn(hidden, batch["labels"], model.output) * share
+                    loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in adapters if p.grad is not None])
+
+                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop.
+                if is_finite(step_loss, grad_norm):
+                    if cfg.get("clip_grad_norm"):
+                        torch.nn.utils.clip_grads_with_norm_(adapters, cfg.clip_grad_norm, grad_norm)
+                    optimizer.step()
+                else:
+                    samples = step_sample_indices(loader, epoch, progress.step_in_epoch, accumulation)
+                    progress, message = skip_nonfinite_step(progress, skip_limit, step_loss, grad_norm, samples,
+                                                            output_dir)
+                    reporter.note(message)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                progress = progress.advanced(epoch_steps)
+
+                reporter.report(progress.step, epoch, step_loss, optimizer.param_groups[0]["lr"], num_labels, started,
+                                grad_norm, progress.skipped_steps)
+                profiler.step()
+                eval_every = cfg.get("eval_every_n_steps")
+                if val_loader is not None and (progress.step == total_steps
+                                               or (eval_every and progress.step % eval_every == 0)):
+                    reporter.log({"val_loss": validation_loss(model, loss_fn, val_loader).item()}, progress.step)
+                save_every = cfg.get("save_every_n_steps")
+                if progress.step_in_epoch == 0 or (save_every and progress.step % save_every == 0):
+                    save()
+                    saved_step = progress.step
+
+    final = output_dir / f"step_{progress.step}"
+    merged = f", {final / 'model'} (merged, HF layout)" if cfg.get("save_merged_model", False) else ""
+    print(f"done: {final / 'adapter'} (peft layout){merged}")
 
 
 if __name__ == "__main__":

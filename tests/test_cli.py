@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 
 from tunelite.config import recipe_entry
 
+CONFIG_KEYS = {"required": ("output_dir", "batch_size", "optimizer", "loss"), "optional": ("seed",)}
+
 
 def main(cfg):
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,14 @@ def test_run_executes_script_path_with_overrides(recipe_script: Path, good_confi
     assert "seed: 7" in received
 
 
+def test_run_refuses_a_script_that_declares_no_config_keys(
+    recipe_script: Path, good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe_script.write_text(RECIPE_SCRIPT.replace("CONFIG_KEYS =", "KEYS ="))
+    assert main(["run", str(recipe_script), "--config", str(good_config)]) == 2
+    assert f"{recipe_script}: declares no CONFIG_KEYS" in capsys.readouterr().err
+
+
 def test_run_reports_config_typo_as_one_line_and_exit_2(
     recipe_script: Path, good_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,23 +194,43 @@ def test_run_unknown_recipe_suggests_close_match(good_config: Path, capsys: pyte
     assert "did you mean lora_finetune_single_device" in capsys.readouterr().err
 
 
-def test_validate_passes_good_config(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", str(good_config)]) == 0
-    assert "Config is well-formed!" in capsys.readouterr().out
+def test_validate_passes_good_config(
+    recipe_script: Path, good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(recipe_script), "--config", str(good_config)]) == 0
+    assert "Config is well-formed for my_recipe!" in capsys.readouterr().out
 
 
 def test_validate_fails_on_typo_naming_key_path_and_close_match(
-    good_config: Path, capsys: pytest.CaptureFixture[str]
+    recipe_script: Path, good_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good_config.write_text(good_config.read_text().replace("lr: 1e-3", "lrr: 1e-3"))
-    assert main(["validate", str(good_config)]) != 0
+    assert main(["validate", str(recipe_script), "--config", str(good_config)]) != 0
     err = capsys.readouterr().err
     assert "optimizer.lrr" in err
     assert "did you mean optimizer.lr?" in err
 
 
-def test_validate_applies_overrides(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_applies_overrides(recipe_script: Path, good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good_config.write_text(good_config.read_text() + "batch_sise: 3\n")
-    assert main(["validate", str(good_config)]) != 0
-    assert main(["validate", str(good_config), "~batch_sise"]) == 0
-    assert "Config is well-formed!" in capsys.readouterr().out
+    assert main(["validate", str(recipe_script), "--config", str(good_config)]) != 0
+    assert main(["validate", str(recipe_script), "--config", str(good_config), "~batch_sise"]) == 0
+    assert "Config is well-formed for my_recipe!" in capsys.readouterr().out
+
+
+def test_validate_finds_the_recipe_of_a_copied_config_from_its_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cp", "llama3_1/8B_full_single_device", str(tmp_path / "my.yaml")]) == 0
+    assert main(["validate", str(tmp_path / "my.yaml"), "+save_merged_model=True"]) == 2
+    err = capsys.readouterr().err
+    assert "save_merged_model: not read by full_finetune_single_device" in err
+    assert main(["validate", "lora_finetune_single_device", "--config", str(tmp_path / "my.yaml"),
+                 "~optimizer_in_bwd", "+save_merged_model=True"]) == 0
+
+
+def test_validate_asks_for_the_recipe_when_the_config_does_not_say(
+    good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(good_config)]) == 2
+    assert f"name the recipe: tunelite validate RECIPE --config {good_config}" in capsys.readouterr().err

@@ -10,11 +10,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelite import recipe_registry
+from tunelite.cli.run import run_in_process
+from tunelite.recipe_registry import RecipeKeys
 from tunelite.config import (
     instantiate,
     load_config,
     parse_recipe_args,
-    recipe_entry,
     resolve_config_path,
     validate_config,
 )
@@ -139,7 +140,7 @@ def test_unknown_asset_is_reported_with_its_key(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("tokenizer:\n  path: ${asset:tiny/no_such_file}\n")
     with pytest.raises(ConfigError, match="tokenizer.path: no asset 'tiny/no_such_file'"):
-        validate_config(load_config(path))
+        validate_config(load_config(path), KEYS)
 
 
 def test_instantiate_builds_nested_components_and_plain_containers() -> None:
@@ -215,6 +216,12 @@ def test_instantiate_without_component_names_the_node() -> None:
         instantiate(cfg.dataset)
 
 
+# The keys of a recipe in miniature, as a recipe's CONFIG_KEYS declares them.
+KEYS = RecipeKeys("a_recipe", required=("output_dir",),
+                  optional=("batch_size", "clip_grad_norm", "model", "optimizer", "loss", "metric_logger", "seed",
+                            "tokenizer"))
+
+
 def test_validate_accepts_config_whose_components_and_keys_exist() -> None:
     cfg = OmegaConf.create({
         "output_dir": "/tmp/run",
@@ -223,7 +230,7 @@ def test_validate_accepts_config_whose_components_and_keys_exist() -> None:
         "loss": {"_component_": "torch.nn.CrossEntropyLoss", "ignore_index": -100},
         "metric_logger": [{"_component_": "types.SimpleNamespace", "log_dir": "${output_dir}/logs", "anything": 1}],
     })
-    validate_config(cfg)
+    validate_config(cfg, KEYS)
 
 
 def test_validate_reports_every_problem_with_key_path_and_close_match() -> None:
@@ -235,11 +242,12 @@ def test_validate_reports_every_problem_with_key_path_and_close_match() -> None:
         "metric_logger": [{"_component_": "string.Template", "templat": "x"}],
     })
     with pytest.raises(ConfigError) as error:
-        validate_config(cfg, source="my.yaml")
+        validate_config(cfg, KEYS, source="my.yaml")
     message = str(error.value)
-    assert message.startswith("my.yaml has 5 problems:")
-    assert "batch_sise: not a recipe key (did you mean batch_size?)" in message
-    assert "max_grad_norm: not a recipe key (did you mean clip_grad_norm?)" in message
+    assert message.startswith("my.yaml has 6 problems:")
+    assert "batch_sise: not read by a_recipe (did you mean batch_size?" in message
+    assert "max_grad_norm: not read by a_recipe (did you mean clip_grad_norm?" in message
+    assert "output_dir: required by a_recipe; set it" in message
     assert "model.out_featurs: not a parameter of torch.nn.Linear (did you mean model.out_features?)" in message
     assert "optimizer._component_" in message and "did you mean torch.optim.AdamW?" in message
     assert "metric_logger.0.templat" in message and "did you mean metric_logger.0.template?" in message
@@ -248,7 +256,7 @@ def test_validate_reports_every_problem_with_key_path_and_close_match() -> None:
 def test_validate_reports_unresolvable_interpolation_and_missing_value() -> None:
     cfg = OmegaConf.create({"output_dir": "${ouput}/x", "seed": "???"})
     with pytest.raises(ConfigError) as error:
-        validate_config(cfg)
+        validate_config(cfg, KEYS)
     assert "output_dir: Interpolation key 'ouput' not found" in str(error.value)
     assert "seed: value is missing" in str(error.value)
 
@@ -258,13 +266,15 @@ def test_validate_imports_components_without_calling_them(tmp_path: Path, monkey
         "def build(size: int) -> None:\n    raise AssertionError('validate_config must not call components')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    validate_config(OmegaConf.create({"model": {"_component_": "exploding_component.build", "size": 3}}))
+    validate_config(OmegaConf.create({"output_dir": "x", "model": {"_component_": "exploding_component.build",
+                                                                  "size": 3}}), KEYS)
     assert "exploding_component" in sys.modules
 
 
 def test_parse_recipe_args_applies_overrides_and_resolves_interpolations(config_file: Path) -> None:
     config_file.write_text(BASE_YAML + "log_dir: ${output_dir}/logs\n")
-    cfg = parse_recipe_args(["--config", str(config_file), "batch_size=8", "output_dir=/tmp/other"])
+    keys = RecipeKeys("a_recipe", ("output_dir", "batch_size", "model", "optimizer", "log_dir"))
+    cfg = parse_recipe_args(keys, ["--config", str(config_file), "batch_size=8", "output_dir=/tmp/other"])
     assert isinstance(cfg, DictConfig)
     assert cfg.batch_size == 8
     assert not OmegaConf.is_interpolation(cfg, "log_dir")
@@ -274,31 +284,34 @@ def test_parse_recipe_args_applies_overrides_and_resolves_interpolations(config_
 def test_parse_recipe_args_rejects_a_typo_before_anything_is_built(config_file: Path) -> None:
     config_file.write_text(BASE_YAML + "batch_sise: 3\n")
     with pytest.raises(ConfigError, match="did you mean batch_size"):
-        parse_recipe_args(["--config", str(config_file)])
+        parse_recipe_args(RecipeKeys("a_recipe", ("output_dir", "batch_size", "model", "optimizer")),
+                          ["--config", str(config_file)])
+
+
+def recipe_script(folder: Path, body: str) -> Path:
+    """A recipe in miniature: declares the keys BASE_YAML holds and runs `body` as its main."""
+    script = folder / "recipe.py"
+    script.write_text(
+        "from tunelite.config import recipe_entry\n"
+        "CONFIG_KEYS = {'required': ('output_dir', 'batch_size', 'model', 'optimizer')}\n"
+        f"def main(cfg):\n    {body}\n"
+        "if __name__ == '__main__':\n    recipe_entry(main)\n"
+    )
+    return script
 
 
 def test_recipe_entry_prints_user_error_and_exits_2_without_traceback(
-    config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["recipe.py", "--config", str(config_file), "model.lora_rnak=4"])
-    called = []
-    with pytest.raises(SystemExit) as exit_:
-        recipe_entry(called.append)
-    assert exit_.value.code == 2
+    script = recipe_script(tmp_path, f"open({str(tmp_path / 'called')!r}, 'w').close()")
+    assert run_in_process([str(script), "--config", str(config_file), "model.lora_rnak=4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: override 'model.lora_rnak=4'")
     assert "Traceback" not in err
-    assert called == []
+    assert not (tmp_path / "called").exists()
 
 
-def test_recipe_entry_passes_config_to_main_and_lets_other_errors_propagate(
-    config_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "argv", ["recipe.py", "--config", str(config_file), "batch_size=5"])
-
-    def main(cfg: DictConfig) -> None:
-        raise RuntimeError(f"main saw batch_size={cfg.batch_size}")
-
+def test_recipe_entry_passes_config_to_main_and_lets_other_errors_propagate(config_file: Path, tmp_path: Path) -> None:
+    script = recipe_script(tmp_path, "raise RuntimeError(f'main saw batch_size={cfg.batch_size}')")
     with pytest.raises(RuntimeError, match="main saw batch_size=5"):
-        recipe_entry(main)
-
+        run_in_process([str(script), "--config", str(config_file), "batch_size=5"])

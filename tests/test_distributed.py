@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from tunelite.cli.main import main
 from tunelite.modules.nf4 import quantize_nf4
 from tunelite.recipe_registry import get_recipe
-from tunelite.training import model_loading
-from tunelite.training.sampler import ResumableSampler
+from tunelite.checkpointing import loading
+from tunelite.data.sampler import ResumableSampler
 
 # Two optimizer steps of two micro-batches each, a checkpoint and a validation loss after the
 # first (the save then follows a forward without backward), clipping on: every part of the step.
@@ -122,7 +122,7 @@ def test_two_nodes_of_one_process_each_train_as_one(tmp_path, single_device):
 def test_nf4_base_weights_shard_and_train_as_on_one_device(tmp_path, monkeypatch):
     # Sharding needs whole NF4 scale blocks in each shard; at the tiny model's sizes that means
     # half the single-device block, so the reference quantizes with it too.
-    monkeypatch.setattr(model_loading, "quantize_nf4", partial(quantize_nf4, shards=2))
+    monkeypatch.setattr(loading, "quantize_nf4", partial(quantize_nf4, shards=2))
     run_single_device(tmp_path / "single", "tiny/qlora_cpu")
     run_distributed(tmp_path / "distributed", QLORA)
     assert_same_training(tmp_path / "distributed", tmp_path / "single")

@@ -11,6 +11,7 @@ import torch
 from tunelite.checkpointing.hf import hf_config_from_model_args
 from tunelite.cli.main import main
 from tunelite.config import load_recipe_config
+from tunelite.recipe_registry import RecipeDeclarations, get_recipe, read_declarations
 from tunelite.errors import ConfigError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.training.memory_estimate import (
@@ -23,6 +24,7 @@ from tunelite.training.memory_estimate import (
     WEIGHTS,
     estimate_memory,
     parse_memory_size,
+    recipe_memory,
     with_overrides,
 )
 
@@ -49,10 +51,18 @@ def config_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def declared(recipe: str) -> RecipeDeclarations:
+    return read_declarations(get_recipe(recipe).path)
+
+
+def load(recipe: str, name: str, overrides: list[str] = ()):
+    return load_recipe_config(name, declared(recipe).keys, overrides)
+
+
 def estimate(config_only: Path, kind: str, *overrides: str):
     recipe, name = CONFIGS[kind]
-    cfg = load_recipe_config(name, [f"checkpointer.checkpoint_dir={config_only}", *overrides])
-    return estimate_memory(cfg, recipe)
+    cfg = load(recipe, name, [f"checkpointer.checkpoint_dir={config_only}", *overrides])
+    return estimate_memory(cfg, recipe_memory(declared(recipe)))
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -119,8 +129,8 @@ def test_too_little_gpu_memory_prints_overrides_with_which_the_estimate_fits(con
     for command in commands:
         overrides = [w for w in shlex.split(command) if "=" in w or w.startswith("~")]
         assert "enable_activation_checkpointing=True" in overrides
-        cfg = with_overrides(load_recipe_config(name), overrides)
-        assert estimate_memory(cfg, recipe).total <= parse_memory_size(budget)
+        cfg = with_overrides(load(recipe, name), overrides)
+        assert estimate_memory(cfg, recipe_memory(declared(recipe))).total <= parse_memory_size(budget)
 
 
 def test_seq_len_option_sets_the_sequence_length(config_only, capsys):
@@ -141,9 +151,24 @@ def test_memory_sizes_read_as_cards_print_them():
         parse_memory_size("lots")
 
 
-def test_estimate_refuses_a_recipe_it_does_not_model():
-    with pytest.raises(ConfigError, match="estimate models the training recipes"):
-        estimate_memory(load_recipe_config("tiny/generation"), "generate")
+def test_estimate_refuses_a_recipe_that_declares_no_memory_facts(capsys):
+    assert main(["estimate", "generate", "--config", "tiny/generation"]) == 2
+    assert "generate declares no MEMORY" in capsys.readouterr().err
+
+
+def test_estimate_reads_what_an_edited_copy_of_a_recipe_declares(config_only, tmp_path, capsys):
+    """Not recipe names: a copy that trains every weight is estimated with every weight's gradient."""
+    assert main(["cp", LORA, str(tmp_path / "my_recipe.py")]) == 0
+    given = ["--config", "llama3_1/8B_lora_single_device", f"checkpointer.checkpoint_dir={config_only}",
+             "--gpu-memory", "80GB"]
+    assert main(["estimate", str(tmp_path / "my_recipe.py"), *given]) == 0
+    as_copied = capsys.readouterr().out
+    script = tmp_path / "my_recipe.py"
+    script.write_text(script.read_text().replace('MEMORY = {"trains": "adapters"', 'MEMORY = {"trains": "all"'))
+    assert main(["estimate", str(script), *given]) == 0
+    edited = capsys.readouterr().out
+    gradients = [float(re.search(r"gradients +([\d.]+) GiB", out).group(1)) for out in (as_copied, edited)]
+    assert gradients[0] < 0.1 < 10 < gradients[1]
 
 
 def test_estimate_builds_the_model_on_the_meta_device_only(config_only, monkeypatch):

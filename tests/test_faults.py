@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import TINY, random_model
 from faults_helpers import (  # noqa: F401 (uninterrupted: a fixture)
     TOTAL_STEPS,
     NonFiniteAtSteps,
@@ -41,12 +40,10 @@ from tunelite.checkpointing import peft
 from tunelite.checkpointing.atomic import TMP_PREFIX, folder_bytes, verify_folder
 from tunelite.checkpointing.state import checkpoint_folders
 from tunelite.cli.main import main
-from tunelite.cli.run import COMMAND_LINE_ENV
-from tunelite.config import instantiate, load_config, resolve_config_path
-from tunelite.errors import NonFiniteError
-from tunelite.training.loop import optimizer_step, resume_command
-from tunelite.training.optimizers import OptimizerInBackward
-from tunelite.training.sampler import ResumableSampler
+from tunelite.runtime.command_line import COMMAND_LINE_ENV, resume_command
+from tunelite.checkpointing.hf import load_hf_state_dict
+from tunelite.config import asset_path, instantiate, load_config, resolve_config_path
+from tunelite.data.sampler import ResumableSampler
 
 SLOW_WRITE_SECONDS = 0.5
 NAN_LOSS = "loss._component_=faults_helpers.NonFiniteAtSteps"
@@ -192,52 +189,55 @@ def test_skip_nonfinite_steps_skips_that_many_while_data_and_schedule_move_on_th
     assert checkpoint_folders(out) == [out / "step_5"]
 
 
-def tiny_step(in_backward: bool) -> tuple[torch.nn.Module, Any, list[dict[str, torch.Tensor]]]:
-    """A full fine-tune's pieces on a tiny model: model, optimizer (stepped in backward or not), one batch."""
-    model = random_model()
-    if in_backward:
-        optimizer = OptimizerInBackward(model.parameters(), lambda one: torch.optim.AdamW(one, lr=0.1))
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    return model, optimizer, [{"tokens": tokens, "labels": tokens}]
+def full_run(out: Path, *extra: str) -> int:
+    """Two steps of the full fine-tune recipe on the tiny model, a checkpoint after each."""
+    return main(["run", "full_finetune_single_device", "--config", "tiny/full_cpu", f"output_dir={out}", "epochs=1",
+                 "max_steps_per_epoch=2", "save_every_n_steps=1", "keep_last_n_checkpoints=null", NAN_LOSS, *extra])
 
 
-def stepped(optimizer: Any) -> bool:
-    """Whether any weight has optimizer state, which AdamW creates on its first step."""
-    optimizers = optimizer.optimizers if isinstance(optimizer, OptimizerInBackward) else [optimizer]
-    return any(opt.state for opt in optimizers)
+def weights_and_optimizer_state(folder: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    state = torch.load(folder / "recipe_state.pt", weights_only=True)["optimizer"]
+    return load_hf_state_dict(folder / "model"), state
+
+
+def has_optimizer_state(state: dict[str, Any]) -> bool:
+    """Whether any weight has optimizer state, which AdamW creates on its first step (one state dict,
+    or one per weight with optimizer_in_bwd)."""
+    return bool(state.get("state")) if "state" in state else any(one["state"] for one in state.values())
 
 
 @pytest.mark.parametrize("in_backward", [False, True], ids=["optimizer", "optimizer_in_backward"])
-def test_a_nonfinite_loss_leaves_weights_gradients_and_optimizer_state_untouched(in_backward):
-    model, optimizer, window = tiny_step(in_backward)
-    loss_fn = NonFiniteAtSteps(nan_loss_at=[1], num_chunks=1)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, _ = optimizer_step(model, loss_fn, window, 32, optimizer, clip_grad_norm=None)
-    assert loss.isnan()
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert all(p.grad is None for p in model.parameters())
-    assert not stepped(optimizer)
-    loss, _ = optimizer_step(model, loss_fn, window, 32, optimizer, clip_grad_norm=None)
-    assert loss.isfinite() and stepped(optimizer), "the next, finite step did not step: the test proved nothing"
-    assert not torch.equal(model.output.weight, before["output.weight"])
+def test_a_nonfinite_loss_leaves_weights_and_optimizer_state_untouched(tmp_path, in_backward):
+    out = tmp_path / "run"
+    assert full_run(out, "+loss.nan_loss_at=[1]", "+skip_nonfinite_steps=1", "clip_grad_norm=null",
+                    f"optimizer_in_bwd={in_backward}") == 0
+    base = load_hf_state_dict(Path(asset_path("tiny/model")))
+    skipped, state = weights_and_optimizer_state(out / "step_1")
+    assert all(torch.equal(skipped[key], base[key].float()) for key in base)
+    assert not has_optimizer_state(state)
+    after, state = weights_and_optimizer_state(out / "step_2")
+    assert has_optimizer_state(state), "the next, finite step did not step: the test proved nothing"
+    assert not torch.equal(after["output.weight"], base["output.weight"].float())
 
 
-def test_a_nonfinite_gradient_under_a_finite_loss_leaves_the_weights_untouched():
-    model, optimizer, window = tiny_step(in_backward=False)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loss, grad_norm = optimizer_step(model, NonFiniteAtSteps(nan_gradient_at=[1], num_chunks=1), window, 32,
-                                     optimizer, clip_grad_norm=1.0)
-    assert loss.isfinite() and grad_norm.isnan()
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert all(p.grad is None for p in model.parameters())
+def test_a_nonfinite_gradient_under_a_finite_loss_leaves_the_weights_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert full_run(out, "+loss.nan_gradient_at=[1]", "+skip_nonfinite_steps=1") == 0
+    assert "the gradient norm nan; skipped (1 of skip_nonfinite_steps: 1)" in capsys.readouterr().err
+    base = load_hf_state_dict(Path(asset_path("tiny/model")))
+    skipped, state = weights_and_optimizer_state(out / "step_1")
+    assert all(torch.equal(skipped[key], base[key].float()) for key in base)
+    assert not has_optimizer_state(state)
 
 
-def test_a_nonfinite_gradient_after_optimizer_in_backward_stepped_stops_whatever_the_skip_budget():
-    model, optimizer, window = tiny_step(in_backward=True)
-    with pytest.raises(NonFiniteError, match=r"gradient norm is nan .* optimizer_in_bwd: True had already stepped"):
-        optimizer_step(model, NonFiniteAtSteps(nan_gradient_at=[1], num_chunks=1), window, 32, optimizer, None)
+def test_a_nonfinite_gradient_after_optimizer_in_backward_stepped_stops_whatever_the_skip_budget(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert full_run(out, "+loss.nan_gradient_at=[1]", "+skip_nonfinite_steps=5", "clip_grad_norm=null",
+                    "optimizer_in_bwd=True") == 2
+    message = capsys.readouterr().err
+    assert re.search(r"step 1: the gradient norm is nan .* optimizer_in_bwd: True had already stepped", message)
+    assert "There is no complete checkpoint yet." in message
+    assert checkpoint_folders(out) == []
 
 
 # --- a folder that cannot be written, a disk that fills up -------------------------------------

@@ -23,7 +23,7 @@ from tunelite.models.llama import LoRAArgs, ModelArgs, TransformerDecoder, llama
 from tunelite.models.llama2 import LLAMA2_7B
 from tunelite.models.llama3_2 import LLAMA3_2_3B
 from tunelite.modules.lora import LoRALinear, merge_lora_state_dict
-from tunelite.training.model_loading import load_checkpoint_into
+from tunelite.checkpointing.loading import load_checkpoint_into
 
 # Each family's structure at CPU size: GQA or MHA, tied or not, RoPE scaled or plain. Llama 2's
 # vocabulary is SentencePiece-sized (the size of the tokenizer tests' model), not a power of two.

@@ -13,7 +13,7 @@ from tunelite.cli.main import main
 from tunelite.config import asset_path
 from tunelite.errors import CheckpointError
 from tunelite.models import lora_llama3_1_tiny
-from tunelite.training.model_loading import load_checkpoint_into
+from tunelite.checkpointing.loading import load_checkpoint_into
 
 BASE = Path(asset_path("tiny/model"))
 LORA = dict(lora_attn_modules=["q_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,

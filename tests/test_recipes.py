@@ -11,15 +11,15 @@ from tunelite.checkpointing.peft import load_peft_adapter
 from tunelite.cli.main import main
 from tunelite.config import asset_path, load_config, validate_config
 from tunelite.modules.lora import merge_lora_state_dict
-from tunelite.recipe_registry import RECIPES, configs_dir
+from tunelite.recipe_registry import RECIPES, configs_dir, read_declarations
 
 
 SHIPPED = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_config_validates(name):
-    validate_config(load_config(configs_dir() / f"{name}.yaml"))
+@pytest.mark.parametrize("recipe, name", [(r, c) for r in RECIPES for c in r.configs])
+def test_every_shipped_config_validates_against_its_recipes_keys(recipe, name):
+    validate_config(load_config(configs_dir() / f"{name}.yaml"), read_declarations(recipe.path).keys)
 
 
 def test_every_shipped_config_is_listed_under_a_recipe():

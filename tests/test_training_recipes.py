@@ -1,6 +1,5 @@
 """The full, LoRA and QLoRA recipes on the tiny model, and the pieces that make 8B fit a GPU."""
 
-import difflib
 import glob
 import json
 import os
@@ -8,7 +7,6 @@ import struct
 import subprocess
 import sys
 import time
-from itertools import combinations
 from pathlib import Path
 
 import pytest
@@ -22,10 +20,10 @@ from tunelite.models import qlora_llama3_1_tiny
 from tunelite.modules.lora import set_trainable_params
 from tunelite.modules.nf4 import NF4Tensor
 from tunelite.recipe_registry import RECIPES, configs_dir
-from tunelite.training.device import oom_advice
-from tunelite.training.loop import StepReporter
+from tunelite.training.oom import oom_advice
+from tunelite.training.reporting import StepReporter
 from tunelite.training.metric_logging import DiskLogger, MetricLoggers
-from tunelite.training.model_loading import load_checkpoint_into
+from tunelite.checkpointing.loading import load_checkpoint_into
 
 ROW = {"instruction": "Say hello in French.", "input": "", "output": "Bonjour !"}
 
@@ -143,9 +141,8 @@ def test_tokens_per_s_counts_the_wait_for_the_device(tmp_path):
             time.sleep(0.2)  # the GPU finishing the step
             return 1.0
 
-    reporter = StepReporter(MetricLoggers([DiskLogger(str(tmp_path), "m.jsonl")]), 1, 0, torch.device("cpu"), 1, False)
-    reporter.report(1, 0, QueuedLoss(), 1e-3, 1000, time.perf_counter(), None)
-    reporter.close()
+    with StepReporter(MetricLoggers([DiskLogger(str(tmp_path), "m.jsonl")]), 1, 0, torch.device("cpu"), 1, False) as reporter:
+        reporter.report(1, 0, QueuedLoss(), 1e-3, 1000, time.perf_counter(), None)
     (row,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert row["tokens_per_s"] <= 1000 / 0.2
 
@@ -154,11 +151,3 @@ def test_out_of_memory_advice_names_what_to_change():
     message = str(oom_advice(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), 4, 2, False))
     assert "batch_size=2 gradient_accumulation_steps=4" in message
     assert "enable_activation_checkpointing=True" in message and "Tried to allocate 2 GiB" in message
-
-
-@pytest.mark.parametrize("a, b", list(combinations(RECIPES, 2)))
-def test_no_two_recipes_share_more_than_40_percent_of_their_lines(a, b):
-    lines = [[line for line in r.path.read_text().splitlines() if line.strip()] for r in (a, b)]
-    matcher = difflib.SequenceMatcher(None, *lines, autojunk=False)
-    shared = sum(block.size for block in matcher.get_matching_blocks())
-    assert shared / max(map(len, lines)) <= 0.40

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelite.checkpointing.hf import read_safetensors, hf_to_ours, ours_to_hf
-from tunelite.distributed.tensors import local_shard
+from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
 from tunelite.models.llama import LoRAArgs
 from tunelite.modules.lora import LoRALinear, adapter_state_dict

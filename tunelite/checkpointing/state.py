@@ -24,7 +24,7 @@ from tunelite.checkpointing.atomic import (
     remove_stale_temporaries,
     verify_folder,
 )
-from tunelite.distributed.process import (
+from tunelite.runtime.ranks import (
     barrier,
     gather_objects,
     get_rank,
@@ -55,6 +55,17 @@ class Progress:
         if self.step_in_epoch + 1 == steps_per_epoch:
             return replace(self, step=self.step + 1, epoch=self.epoch + 1, step_in_epoch=0)
         return replace(self, step=self.step + 1, step_in_epoch=self.step_in_epoch + 1)
+
+
+def run_fingerprint(
+    model: str, dataset_size: int, batch_size: int, gradient_accumulation_steps: int, steps_per_epoch: int,
+    shuffle: bool, seed: int, world_size: int = 1,
+) -> dict[str, Any]:
+    """What decides which batches come next (and what they train): a resumed run must agree on all of
+    it, or it would silently train on other batches than the run it continues."""
+    return {"model": model, "dataset_size": dataset_size, "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch,
+            "shuffle": shuffle, "seed": seed, "world_size": world_size}
 
 
 def checkpoint_folders(output_dir: Path) -> list[Path]:

@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
+from tunelite import recipe_registry
 from tunelite.config import load_recipe_config
-from tunelite.training.memory_estimate import estimate_memory, fitting_overrides, gib, merge_overrides, parse_memory_size
+from tunelite.training.memory_estimate import (
+    estimate_memory,
+    fitting_overrides,
+    gib,
+    merge_overrides,
+    parse_memory_size,
+    recipe_memory,
+)
 
 
 def add_parser(subcommands: Any) -> None:
@@ -23,7 +31,7 @@ def add_parser(subcommands: Any) -> None:
         description=__doc__,
         epilog="Overrides: key=value sets a key, +key=value adds one, ~key deletes one.",
     )
-    parser.add_argument("recipe", help="lora_finetune_single_device or full_finetune_single_device")
+    parser.add_argument("recipe", help="a training recipe's name (see `tunelite ls`) or the path of a recipe script")
     parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
     parser.add_argument("--gpu-memory", help="the card's memory, e.g. 24GB (default: this machine's GPU, if any)")
     parser.add_argument("--seq-len", type=int, help="longest sample in tokens (default: tokenizer.max_seq_len)")
@@ -34,8 +42,10 @@ def add_parser(subcommands: Any) -> None:
 def estimate(args: argparse.Namespace) -> int:
     """Print the breakdown and the verdict; 0 when it fits (or no card is known), 1 when not."""
     overrides = [*args.overrides, *([f"tokenizer.max_seq_len={args.seq_len}"] if args.seq_len else [])]
-    cfg = load_recipe_config(args.config, overrides)
-    result = estimate_memory(cfg, args.recipe)
+    declarations = recipe_registry.read_declarations(recipe_registry.recipe_script(args.recipe))
+    recipe = recipe_memory(declarations)
+    cfg = load_recipe_config(args.config, declarations.keys, overrides)
+    result = estimate_memory(cfg, recipe)
     print(result.report())
     if args.gpu_memory:
         budget = parse_memory_size(args.gpu_memory)
@@ -48,7 +58,7 @@ def estimate(args: argparse.Namespace) -> int:
         print(f"Fits in {gib(budget)}, with {gib(budget - result.total)} to spare.")
         return 0
     print(f"Does not fit in {gib(budget)}: {gib(result.total - budget)} short.")
-    options = fitting_overrides(cfg, args.recipe, budget)
+    options = fitting_overrides(cfg, recipe, budget)
     if not options:
         print("No override tunelite knows makes it fit; use a smaller model or a larger card.")
         return 1

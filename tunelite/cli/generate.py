@@ -9,7 +9,6 @@ import runpy
 from typing import Any
 
 from tunelite import recipe_registry
-from tunelite.cli.run import recipe_script
 from tunelite.config import load_recipe_config
 
 
@@ -31,9 +30,9 @@ def add_parser(subcommands: Any) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     """Load the config, put --prompt in it, and run the generate recipe's main on it."""
-    cfg = load_recipe_config(args.config, args.overrides)
+    script = recipe_registry.recipe_script("generate")
+    cfg = load_recipe_config(args.config, recipe_registry.read_declarations(script).keys, args.overrides)
     if args.prompt is not None:
         cfg.prompt = args.prompt
-    script = recipe_script("generate", recipe_registry.get_recipe("generate"))
     runpy.run_path(str(script))["main"](cfg)
     return 0

@@ -1,33 +1,27 @@
 """`tunelite run`: run a recipe on a config, in this process or under torchrun.
 
-Without torchrun options the recipe runs in-process, as `python recipe.py --config ...` would;
-with them it is launched through `torch.distributed.run`, after the config is validated once
-here rather than once per process.
+The recipe is a built-in name (`tunelite ls`) or the path of a recipe script, such as a copy made
+with `tunelite cp lora_finetune_single_device my_recipe.py` and edited. Without torchrun options
+the recipe runs in-process, as `python recipe.py --config ...` would; with them it is launched
+through `torch.distributed.run`, after the config is validated once here rather than once per
+process.
 """
 
 import argparse
-import contextlib
-import difflib
-import json
-import os
 import runpy
 import subprocess
 import sys
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tunelite import recipe_registry
 from tunelite.config import load_config, resolve_config_path, validate_config
 from tunelite.errors import ConfigError
+from tunelite.runtime.command_line import recorded_command_line
 
 # torchrun options passed through as given; `--standalone` is a flag and handled on its own.
 TORCHRUN_OPTIONS = (
     "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "master_addr", "master_port",
 )
-# The user's `tunelite run ...` command line as a JSON list, for the recipe to print when it is
-# stopped (see tunelite.training.loop.resume_command): in the recipe's process sys.argv holds only
-# the recipe script's arguments, and under torchrun it is each worker's.
-COMMAND_LINE_ENV = "TUNELITE_COMMAND_LINE"
 
 
 def add_parser(subcommands: Any) -> None:
@@ -59,46 +53,15 @@ def run_recipe(args: argparse.Namespace) -> int:
             f"{recipe.name} runs on a single device and cannot be launched with torchrun options "
             f"({' '.join(launch)}); drop them, or use a recipe that supports distributed runs: {alternatives}"
         )
-    script = recipe_script(args.recipe, recipe)
+    script = recipe_registry.recipe_script(args.recipe)
     config = resolve_config_path(args.config)
     command = [str(script), "--config", str(config), *args.overrides]
     with recorded_command_line(["tunelite", "run", *launch, args.recipe, "--config", args.config, *args.overrides]):
         if not launch:
             return run_in_process(command)
-        validate_config(load_config(config, args.overrides), source=config)
+        keys = recipe_registry.read_declarations(script).keys
+        validate_config(load_config(config, args.overrides), keys, source=config)
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, *command]).returncode
-
-
-@contextlib.contextmanager
-def recorded_command_line(command_line: list[str]) -> Iterator[None]:
-    """Sets COMMAND_LINE_ENV, for the recipe run in-process or the processes torchrun starts,
-    and puts back what was there before."""
-    before = os.environ.get(COMMAND_LINE_ENV)
-    os.environ[COMMAND_LINE_ENV] = json.dumps(command_line)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[COMMAND_LINE_ENV]
-        else:
-            os.environ[COMMAND_LINE_ENV] = before
-
-
-def recipe_script(name: str, recipe: recipe_registry.Recipe | None) -> Path:
-    """The script to run: the registry entry's, or `name` itself when it is a path to a .py file."""
-    if recipe is not None:
-        if not recipe.path.is_file():
-            raise ConfigError(f"recipe {name} is registered but {recipe.path} is missing; reinstall tunelite")
-        return recipe.path
-    path = Path(name)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise ConfigError(f"recipe script {path} does not exist")
-        return path
-    names = [r.name for r in recipe_registry.RECIPES]
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"recipes: {', '.join(names)}"
-    raise ConfigError(f"no recipe named {name!r}; {hint} (or pass a path to a .py script)")
 
 
 def torchrun_args(args: argparse.Namespace) -> list[str]:

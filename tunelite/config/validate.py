@@ -14,49 +14,33 @@ from omegaconf.errors import OmegaConfBaseException
 from tunelite.config.instantiate import COMPONENT_KEY, resolve_component, unknown_key_problems
 from tunelite.config.loading import interpolation_error
 from tunelite.errors import ConfigError
-
-# The top-level keys a recipe reads: torchtune 0.6's names, so an existing config ports by changing
-# component paths, plus tunelite's own in the same style. torchtune's `clip_grad_norm` is kept;
-# there is deliberately no `max_grad_norm`.
-RECIPE_KEYS: frozenset[str] = frozenset({
-    # what to build
-    "model", "tokenizer", "checkpointer", "dataset", "val_dataset", "optimizer", "lr_scheduler",
-    "loss", "metric_logger", "profiler",
-    # where things go and how to resume
-    "output_dir", "log_dir", "resume_from_checkpoint", "save_every_n_steps", "keep_last_n_checkpoints",
-    "save_merged_model", "save_adapter_weights_only",
-    # the loop
-    "seed", "shuffle", "batch_size", "epochs", "max_steps_per_epoch", "gradient_accumulation_steps",
-    "clip_grad_norm", "skip_nonfinite_steps", "eval_every_n_steps", "num_workers",
-    # device and memory
-    "device", "dtype", "compile", "enable_activation_checkpointing", "enable_activation_offloading",
-    "optimizer_in_bwd", "fsdp_reshard_after_forward",
-    # logging
-    "log_every_n_steps", "log_peak_memory_stats",
-    # generation (recipes/generate.py)
-    "adapter_dir", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-})
+from tunelite.recipe_registry import RecipeKeys
 
 
-def validate_config(cfg: DictConfig, *, source: str | Path | None = None) -> None:
-    """Raise one ConfigError listing every unknown key, bad component and unresolvable value in `cfg`."""
-    problems: list[str] = []
-    _check(cfg, "", problems)
+def validate_config(cfg: DictConfig, keys: RecipeKeys, *, source: str | Path | None = None) -> None:
+    """Raise one ConfigError listing every problem in `cfg` at once: a top-level key the recipe does
+    not read or a required one it lacks, an unknown component or argument, an unresolvable value."""
+    problems = [
+        f"{key}: required by {keys.recipe}; set it (see the recipe's built-in configs, `tunelite ls`)"
+        for key in keys.required if key not in cfg
+    ]
+    _check(cfg, "", problems, keys)
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         listing = "\n".join(f"  - {problem}" for problem in problems)
         raise ConfigError(f"{source or 'config'} has {count}:\n{listing}")
 
 
-def _check(node: DictConfig | ListConfig, path: str, problems: list[str]) -> None:
+def _check(node: DictConfig | ListConfig, path: str, problems: list[str], recipe_keys: RecipeKeys) -> None:
     keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
     values: dict[Any, Any] = {}
     for key in keys:
         key_path = f"{path}.{key}" if path else str(key)
-        if not path and key not in RECIPE_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(RECIPE_KEYS), n=1)
+        if not path and key not in recipe_keys.all:
+            close = difflib.get_close_matches(str(key), sorted(recipe_keys.all), n=1)
             hint = f"did you mean {close[0]}?" if close else "remove it or check its spelling"
-            problems.append(f"{key_path}: not a recipe key ({hint})")
+            problems.append(f"{key_path}: not read by {recipe_keys.recipe} ({hint}; a recipe reads only the keys "
+                            "in its CONFIG_KEYS)")
         if OmegaConf.is_missing(node, key):
             problems.append(f"{key_path}: value is missing (???); set it with {key_path}=VALUE")
             continue
@@ -67,7 +51,7 @@ def _check(node: DictConfig | ListConfig, path: str, problems: list[str]) -> Non
             continue
         # A node reached through `${...}` is checked where it is defined, not again here.
         if isinstance(values[key], (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(node, key):
-            _check(values[key], key_path, problems)
+            _check(values[key], key_path, problems, recipe_keys)
     if COMPONENT_KEY in values:
         dotted = values[COMPONENT_KEY]
         try:

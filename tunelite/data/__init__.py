@@ -5,4 +5,10 @@ from tunelite.data.collate import padded_collate
 from tunelite.data.instruct import alpaca_dataset, instruct_dataset
 from tunelite.data.text import text_completion_dataset
 
-__all__ = ["alpaca_dataset", "chat_dataset", "instruct_dataset", "padded_collate", "text_completion_dataset"]
+__all__ = [
+    "alpaca_dataset",
+    "chat_dataset",
+    "instruct_dataset",
+    "padded_collate",
+    "text_completion_dataset",
+]

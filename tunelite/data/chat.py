@@ -88,6 +88,14 @@ def _style_and_column(row: SourceRow, style: str, column: str | None) -> tuple[s
     return style, column
 
 
+def openai_turns(value: Any, column: str) -> list[dict[str, str]]:
+    """`value` read as OpenAI-style turns: a non-empty list of {"role", "content"}, each checked, an
+    error naming the column and the turn."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"column {column!r} must be a non-empty list of turns, got {_preview(value)}")
+    return [_message(turn, "openai", column, index) for index, turn in enumerate(value)]
+
+
 def _message(turn: Any, style: str, column: str, index: int) -> dict[str, str]:
     _, role_key, content_key = STYLES[style]
     where = f"column {column!r}, turn {index}"

@@ -6,8 +6,8 @@ Everything runs when the builder is called, so bad data fails before the model l
 """
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from torch.utils.data import Dataset
 
@@ -35,6 +35,7 @@ class DataTokenizer(Protocol):
 
 
 Sample = tuple[list[int], list[int]]
+T = TypeVar("T")
 # A row's samples (tokens, labels) for a max_seq_len, or None when truncation cut the row's
 # whole response (the row is then skipped and counted). A DataError it raises gets the row's
 # file and line prefixed.
@@ -57,8 +58,28 @@ def build_dataset(
     seq_len = max_seq_len if max_seq_len is not None else tokenizer.max_seq_len
     if packed and seq_len is None:
         raise ConfigError("packed: True needs max_seq_len (on the dataset or the tokenizer), the length of a pack")
-    rows = partition_rows(load_rows(source, split, document_split), val_fraction, partition, source)
     dataset = TokenizedDataset()
+    for tokens, labels in partition_samples(source, row_samples, seq_len, split=split, val_fraction=val_fraction,
+                                            partition=partition, document_split=document_split):
+        dataset.append(tokens, labels)
+    return PackedDataset(dataset, seq_len, tokenizer.pad_id) if packed else dataset
+
+
+def partition_samples(
+    source: str,
+    row_samples: Callable[[SourceRow, int | None], list[T] | None],
+    seq_len: int | None,
+    *,
+    split: str,
+    val_fraction: float,
+    partition: str,
+    document_split: str = "file",
+) -> Iterator[T]:
+    """Every sample of `partition`'s rows of `source`, in order, whatever a sample is (a tokens /
+    labels pair, a preference pair): a DataError from `row_samples` gets its row's file and line
+    prefixed; rows whose response truncation cut away are skipped, then warned about (an error
+    when every row was)."""
+    rows = partition_rows(load_rows(source, split, document_split), val_fraction, partition, source)
     skipped = 0
     for row in rows:
         try:
@@ -68,8 +89,7 @@ def build_dataset(
         if samples is None:
             skipped += 1
             continue
-        for tokens, labels in samples:
-            dataset.append(tokens, labels)
+        yield from samples
     if skipped == len(rows):
         raise DataError(
             f"{source}: every one of the {len(rows)} {partition} rows lost its whole response to "
@@ -79,9 +99,8 @@ def build_dataset(
         warnings.warn(
             f"{source}: skipped {skipped} of {len(rows)} {partition} rows whose response was cut off "
             f"entirely by max_seq_len {seq_len}; raise max_seq_len to train on them",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return PackedDataset(dataset, seq_len, tokenizer.pad_id) if packed else dataset
 
 
 def message_samples(

@@ -1,6 +1,3 @@
-"""Running a recipe over several processes: the process group (process.py), FSDP2 sharding and
-sharded loading and saving (sharding.py), and cutting full tensors into shards (tensors.py).
-
-Kept free of imports so that the shared training and checkpointing code can import
-`tunelite.distributed.process` without pulling the sharding code, which imports them in turn.
-"""
+"""Running a recipe over several processes: the process group (process.py) and FSDP2 sharding,
+sharded loading and saving (sharding.py). The rank queries shared code needs in any process are
+in tunelite.runtime.ranks, and cutting whole tensors into shards in tunelite.runtime.shards."""

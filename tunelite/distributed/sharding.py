@@ -20,12 +20,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tunelite.checkpointing.hf import HFCheckpointer
-from tunelite.distributed.process import is_main_process
-from tunelite.distributed.tensors import local_shard
+from tunelite.checkpointing.loading import assign_checkpoint, nf4_weight_names
 from tunelite.models.llama import TransformerDecoder
 from tunelite.modules.lora import ADAPTER_SUFFIXES, LoRALinear
 from tunelite.modules.nf4 import dequantize, quantize_nf4
-from tunelite.training.model_loading import assign_checkpoint, nf4_weight_names
+from tunelite.runtime.ranks import is_main_process
+from tunelite.runtime.shards import local_shard
 
 
 def init_adapters(model: nn.Module, dtype: torch.dtype) -> None:

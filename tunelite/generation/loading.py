@@ -7,10 +7,10 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.checkpointing.hf import HFCheckpointer, model_args_from_hf_config, read_hf_config
+from tunelite.checkpointing.loading import load_checkpoint_into
 from tunelite.checkpointing.peft import load_adapter_into, lora_args_from_adapter_config
 from tunelite.config import instantiate
 from tunelite.models.llama import TransformerDecoder, llama, lora_llama
-from tunelite.training.model_loading import load_checkpoint_into
 
 
 def load_generation_model(

@@ -5,7 +5,9 @@ loads into a LoRA model with no key remapping; the adapters are the extra parame
 `lora_a` (rank x in) and `lora_b` (out x rank).
 """
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(rank, in_dim))
         self.lora_b = nn.Parameter(torch.empty(out_dim, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # set by adapters_disabled: the frozen base alone
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
             if quantize_base:
@@ -44,6 +47,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return frozen_linear(x, self.weight)
         # alpha / rank scales the small B rather than the (tokens x out) product: eager PyTorch
         # would otherwise make one more pass over the layer's output forward and one backward.
         lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
@@ -51,6 +56,20 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """For the block, every LoRALinear runs its frozen base weight alone: the model as it was before
+    fine-tuning, e.g. the reference of a preference loss, with no second copy of the weights."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disabled = False
 
 
 def is_adapter_key(name: str) -> bool:

@@ -43,3 +43,26 @@ class LinearCrossEntropyLoss(nn.Module):
             else:
                 total = total + self.chunk_loss(output, h, y)
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_label_log_probs(output: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence of the chunk, the summed log-probability of its labelled tokens."""
+    logits = output(hidden).float()
+    token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return -token_nll.sum(dim=1)
+
+
+def sequence_log_probs(
+    hidden: torch.Tensor, labels: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor], num_chunks: int = 8
+) -> torch.Tensor:
+    """log p(labels | prompt) per sequence, (b,): the sum over its labelled positions, what preference
+    losses compare. Projected to the vocabulary chunk by chunk under activation checkpointing, as
+    LinearCrossEntropyLoss does, so a whole batch's logits never exist at once."""
+    total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    for h, y in zip(hidden.chunk(num_chunks, dim=1), labels.chunk(num_chunks, dim=1)):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_label_log_probs, output, h, y, use_reentrant=False)
+        else:
+            total = total + _chunk_label_log_probs(output, h, y)
+    return total

@@ -27,17 +27,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelite.checkpointing.hf import check_model_matches
+from tunelite.checkpointing.loading import nf4_weight_names
 from tunelite.config import apply_overrides, instantiate, resolve_component
 from tunelite.errors import ConfigError
 from tunelite.models.llama import ModelArgs
 from tunelite.modules.lora import LoRALinear, is_adapter_key
 from tunelite.modules.nf4 import BLOCK_SIZE as NF4_BLOCK
-from tunelite.training.device import get_dtype
-from tunelite.training.model_loading import nf4_weight_names
+from tunelite.recipe_registry import RecipeDeclarations
+from tunelite.runtime.device import get_dtype
 
 GIB = 2**30
-LORA_RECIPE = "lora_finetune_single_device"
-FULL_RECIPE = "full_finetune_single_device"
 OFFLOAD_OPTIMIZER = "tunelite.training.optimizers.cpu_offload_optimizer"
 
 WEIGHTS, ADAPTER, GRADIENTS, OPTIMIZER = "weights", "adapter", "gradients", "optimizer state"
@@ -105,6 +104,30 @@ def gib(size: float) -> str:
 
 
 @dataclass(frozen=True)
+class RecipeMemory:
+    """What the memory model needs to know of a recipe, from the MEMORY its script declares:
+    whether only adapters train or every weight, and how many sequences one sample holds (a
+    preference pair runs chosen and rejected in one forward)."""
+
+    recipe: str
+    trains: str
+    sequences_per_sample: int = 1
+
+    @property
+    def trains_all(self) -> bool:
+        return self.trains == "all"
+
+
+def recipe_memory(declarations: RecipeDeclarations) -> RecipeMemory:
+    """The declared facts of a training recipe; a recipe that declares no MEMORY (generation) is refused."""
+    name, memory = declarations.keys.recipe, declarations.memory
+    if not isinstance(memory, dict) or memory.get("trains") not in ("adapters", "all"):
+        raise ConfigError(f"{name} declares no MEMORY = {{'trains': 'adapters' | 'all', ...}}, so its memory cannot "
+                          "be estimated; `tunelite estimate` models training recipes")
+    return RecipeMemory(name, memory["trains"], int(memory.get("sequences_per_sample", 1)))
+
+
+@dataclass(frozen=True)
 class _Optimizer:
     """What the memory model needs to know of the configured optimizer."""
 
@@ -129,7 +152,7 @@ class _Optimizer:
         return not self.in_backward and not (self.offloaded and self.offload_gradients)
 
 
-def _optimizer_facts(cfg: DictConfig, recipe: str) -> _Optimizer:
+def _optimizer_facts(cfg: DictConfig, recipe: RecipeMemory) -> _Optimizer:
     node = cfg.optimizer
     dotted = str(node._component_)
     offloaded = dotted == OFFLOAD_OPTIMIZER
@@ -138,7 +161,7 @@ def _optimizer_facts(cfg: DictConfig, recipe: str) -> _Optimizer:
         name=inner.rsplit(".", 1)[-1],
         offloaded=offloaded,
         offload_gradients=offloaded and bool(node.get("offload_gradients", False)),
-        in_backward=recipe == FULL_RECIPE and bool(cfg.get("optimizer_in_bwd", False)),
+        in_backward=recipe.trains_all and bool(cfg.get("optimizer_in_bwd", False)),
         momentum=bool(node.get("momentum", 0)),
     )
 
@@ -174,9 +197,9 @@ def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
     return (2 * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
-def estimate_memory(cfg: DictConfig, recipe: str) -> MemoryEstimate:
+def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     """The peak GPU memory of `recipe` on `cfg` (batch_size x tokenizer.max_seq_len, the longest a
-    batch can be), by component. Reads the checkpoint's config.json, nothing else on disk.
+    batch can be, times the sequences a sample holds), by component. Reads the checkpoint's config.json, nothing else on disk.
 
     Formulas, with T = batch x seq tokens, L layers, d embed_dim, I intermediate_dim, V vocab,
     p bytes per value of `dtype`, C = loss.num_chunks:
@@ -196,8 +219,6 @@ def estimate_memory(cfg: DictConfig, recipe: str) -> MemoryEstimate:
       workspace    cuBLAS's, 32 MiB
       context      0.5 GiB CUDA context + 20% allocator reserve: counted to fit a card only.
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward."""
-    if recipe not in (LORA_RECIPE, FULL_RECIPE):
-        raise ConfigError(f"estimate models the training recipes {LORA_RECIPE} and {FULL_RECIPE}, not {recipe!r}")
     with torch.device("meta"):
         model = instantiate(cfg.model)
     check_model_matches(model.args, Path(cfg.checkpointer.checkpoint_dir))
@@ -207,14 +228,15 @@ def estimate_memory(cfg: DictConfig, recipe: str) -> MemoryEstimate:
     seq = cfg.tokenizer.get("max_seq_len")
     if not seq:
         raise ConfigError("tokenizer.max_seq_len: not set, so the longest batch is unknown; set it or pass --seq-len")
-    tokens = cfg.batch_size * seq
-    chunk_tokens = cfg.batch_size * math.ceil(seq / getattr(instantiate(cfg.loss), "num_chunks", 1))
+    sequences = cfg.batch_size * recipe.sequences_per_sample
+    tokens = sequences * seq
+    chunk_tokens = sequences * math.ceil(seq / getattr(instantiate(cfg.loss), "num_chunks", 1))
     checkpointing = bool(cfg.enable_activation_checkpointing)
     optimizer = _optimizer_facts(cfg, recipe)
 
     params = dict(model.named_parameters())
     quantized = nf4_weight_names(model)
-    trained = {n for n in params if recipe == FULL_RECIPE or is_adapter_key(n)}
+    trained = {n for n in params if recipe.trains_all or is_adapter_key(n)}
     adapters = {n for n in params if is_adapter_key(n)}
     weights = sum(nf4_bytes(params[n].numel(), p) if n in quantized else params[n].numel() * p
                   for n in params if n not in adapters)
@@ -263,7 +285,7 @@ def estimate_memory(cfg: DictConfig, recipe: str) -> MemoryEstimate:
     components[OVERHEAD] = CUDA_CONTEXT + ALLOCATOR_RESERVE * sum(components.values())
 
     details = {
-        WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=recipe == LORA_RECIPE),
+        WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=not recipe.trains_all),
         ADAPTER: f"{sum(params[n].numel() for n in adapters) / 1e6:.1f}M trained values" if adapters else "",
         GRADIENTS: _gradient_detail(optimizer) + ("; the output projection's, summed over loss chunks"
                                                   if output_trains and not in_layer else ""),
@@ -276,7 +298,7 @@ def estimate_memory(cfg: DictConfig, recipe: str) -> MemoryEstimate:
         OVERHEAD: f"{gib(CUDA_CONTEXT)} context + {ALLOCATOR_RESERVE:.0%} allocator reserve; not in peak allocated",
     }
     notes = ["compile: True usually needs less than this eager estimate"] if cfg.get("compile") else []
-    setup = (f"{recipe}, batch {cfg.batch_size} x {seq} tokens, {cfg.dtype}, activation checkpointing "
+    setup = (f"{recipe.recipe}, batch {cfg.batch_size} x {seq} tokens, {cfg.dtype}, activation checkpointing "
              f"{'on' if checkpointing else 'off'}")
     persistent = weights + adapter + state + CUBLAS_WORKSPACE
     others = {when: int(persistent + sum(parts)) for when, parts in moments.items() if when != peak_during}
@@ -326,7 +348,7 @@ def _set(cfg: DictConfig, key: str, value: Any) -> str:
     return f"{key}={text}" if OmegaConf.select(cfg, key, default="__absent__") != "__absent__" else f"+{key}={text}"
 
 
-def _ladders(cfg: DictConfig, recipe: str) -> list[list[list[str]]]:
+def _ladders(cfg: DictConfig, recipe: RecipeMemory) -> list[list[list[str]]]:
     """Ways to save memory, each a list of ever stronger override sets, least disruptive first:
     smaller micro-batches (same effective batch through accumulation where the optimizer allows
     it), then a lighter method (QLoRA, CPU-offloaded or in-backward optimizer), then shorter sequences."""
@@ -341,19 +363,19 @@ def _ladders(cfg: DictConfig, recipe: str) -> list[list[list[str]]]:
     lighter = []
     component = str(cfg.model._component_)
     module, _, builder = component.rpartition(".")
-    if recipe == LORA_RECIPE and builder.startswith("lora_"):
+    if not recipe.trains_all and builder.startswith("lora_"):
         twin = f"{module}.q{builder}"
         try:
             resolve_component(twin, "model")
             lighter.append([[_set(cfg, "model._component_", twin)]])
         except ConfigError:
             pass
-    if recipe == FULL_RECIPE and not optimizer.offloaded:
+    if recipe.trains_all and not optimizer.offloaded:
         lighter.append([[_set(cfg, "optimizer._component_", OFFLOAD_OPTIMIZER),
                          _set(cfg, "optimizer.optimizer", cfg.optimizer._component_),
                          _set(cfg, "optimizer.offload_gradients", True), _set(cfg, "optimizer_in_bwd", False),
                          _set(cfg, "gradient_accumulation_steps", 1), _set(cfg, "clip_grad_norm", None)]])
-    if recipe == FULL_RECIPE and not optimizer.offloaded and not optimizer.in_backward:
+    if recipe.trains_all and not optimizer.offloaded and not optimizer.in_backward:
         lighter.append([[_set(cfg, "optimizer_in_bwd", True), _set(cfg, "gradient_accumulation_steps", 1),
                          _set(cfg, "clip_grad_norm", None)]])
     seq = cfg.tokenizer.max_seq_len
@@ -361,7 +383,7 @@ def _ladders(cfg: DictConfig, recipe: str) -> list[list[list[str]]]:
     return [ladder for ladder in (smaller_batches, *lighter, shorter) if ladder]
 
 
-def fitting_overrides(cfg: DictConfig, recipe: str, budget: int) -> list[tuple[list[str], MemoryEstimate]]:
+def fitting_overrides(cfg: DictConfig, recipe: RecipeMemory, budget: int) -> list[tuple[list[str], MemoryEstimate]]:
     """Override sets with which the run fits `budget` bytes, each verified by estimating the
     config with it applied: activation checkpointing first if it is off, then the weakest step
     of each way to save memory that suffices alone; if none does, the ways combined in order."""

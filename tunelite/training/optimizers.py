@@ -6,11 +6,14 @@ exist; `cpu_offload_optimizer` keeps optimizer state (and, optionally, gradients
 through torchao's CPUOffloadOptimizer.
 """
 
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from tunelite.checkpointing.state import newest_checkpoint_note
 from tunelite.config import resolve_component
+from tunelite.errors import NonFiniteError
 
 
 class OptimizerInBackward:
@@ -53,6 +56,31 @@ class OptimizerInBackward:
             raise ValueError(f"state holds {len(state)} optimizers, the model has {len(self.optimizers)} parameters")
         for i, opt in enumerate(self.optimizers):
             opt.load_state_dict(state[str(i)])
+
+
+def backward_stepping_weights(
+    loss: torch.Tensor, params: Iterable[torch.nn.Parameter], step: int, output_dir: Path
+) -> torch.Tensor:
+    """`loss.backward()` under an OptimizerInBackward, which steps each weight from its gradient hook
+    and frees the gradient: returns the total gradient norm, gathered by tensor hooks as the
+    gradients arrive (those run before the optimizer's hook). A non-finite norm shows only once
+    the weights have taken it, so it raises NonFiniteError whatever skip_nonfinite_steps says."""
+    norms: list[torch.Tensor] = []
+    hooks = [p.register_hook(lambda grad: norms.append(torch.linalg.vector_norm(grad)))
+             for p in params if p.requires_grad]
+    try:
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(
+            f"step {step}: the gradient norm is {grad_norm.item()} although the loss ({loss.item():.4g}) is finite; "
+            "optimizer_in_bwd: True had already stepped each weight during backward, so the run stops "
+            f"whatever skip_nonfinite_steps says. {newest_checkpoint_note(Path(output_dir))}"
+        )
+    return grad_norm
 
 
 def cpu_offload_optimizer(

@@ -8,13 +8,11 @@ checkpoint lacks (adapters, rotary frequencies) is created and initialised after
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from tunelite.checkpointing.hf import HFCheckpointer, load_hf_state_dict
-from tunelite.config import instantiate
 from tunelite.errors import CheckpointError
-from tunelite.models.llama import TransformerDecoder, set_activation_checkpointing
+from tunelite.models.llama import TransformerDecoder
 from tunelite.modules.lora import is_adapter_key
 from tunelite.modules.nf4 import quantize_nf4
 
@@ -32,20 +30,6 @@ def materialize_meta_tensors(model: nn.Module, device: torch.device, dtype: torc
         if meta_params or meta_buffers:
             module.reset_parameters()
 
-
-def load_pretrained_model(
-    model_cfg: DictConfig, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype,
-    activation_checkpointing: bool = False, compile: bool = False,
-) -> TransformerDecoder:
-    """The configured model with the checkpoint's base weights, adapters freshly initialised,
-    ready to train: activation checkpointing and per-layer compilation as asked."""
-    with torch.device("meta"):
-        model = instantiate(model_cfg)
-    load_checkpoint_into(model, checkpointer, device, dtype)
-    set_activation_checkpointing(model, 1 if activation_checkpointing else 0)
-    if compile:
-        compile_layers(model)
-    return model
 
 
 def load_checkpoint_into(
@@ -84,12 +68,6 @@ def nf4_weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "quantize_base", False)}
 
 
-def compile_layers(model: TransformerDecoder) -> None:
-    """Compiles each transformer layer on its own: one graph reused for every layer keeps compile
-    time short, and the loop and loss stay eager."""
-    for layer in model.layers:
-        layer.compile()
-
 
 def restore_weights(model: nn.Module, folder: Path) -> None:
     """Copies the weights of an HF-layout folder written by a full fine-tune back into the model."""
@@ -97,11 +75,3 @@ def restore_weights(model: nn.Module, folder: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def build_loss(loss_cfg: DictConfig, compile: bool = False) -> nn.Module:
-    """The configured loss, its per-chunk projection compiled along with the model when asked."""
-    loss_fn = instantiate(loss_cfg)
-    if compile:
-        loss_fn.compile()
-    return loss_fn

@@ -57,6 +57,12 @@ def test_a_key_its_recipe_does_not_read_is_refused_with_its_path(key, capsys):
     assert f"{name}: not read by lora_finetune_single_device" in capsys.readouterr().err
 
 
+def test_the_dpo_recipe_accepts_its_own_keys_and_refuses_sft_only_ones(capsys):
+    assert main(["validate", "tiny/lora_dpo_cpu", "+log_prob_chunks=4"]) == 0
+    assert main(["validate", "tiny/lora_cpu", "+log_prob_chunks=4"]) == 2
+    assert "log_prob_chunks: not read by lora_finetune_single_device" in capsys.readouterr().err
+
+
 L2_LINES = '''
                     penalty = cfg.adapter_l2 * sum(p.pow(2).sum() for p in adapters) / accumulation
                     loss = loss + penalty

@@ -75,6 +75,11 @@ RECIPES: tuple[Recipe, ...] = (
         configs=("tiny/lora_distributed_cpu", "llama3_1/8B_lora", "llama3_1/70B_lora"),
         supports_distributed=True,
     ),
+    Recipe(
+        name="lora_dpo_single_device",
+        configs=("tiny/lora_dpo_cpu", "llama3_1/8B_lora_dpo_single_device"),
+        supports_distributed=False,
+    ),
     # Not training: chat with a trained model (`tunelite generate` runs it too).
     Recipe(
         name="generate",

@@ -3,6 +3,7 @@
 from tunelite.data.chat import chat_dataset
 from tunelite.data.collate import padded_collate
 from tunelite.data.instruct import alpaca_dataset, instruct_dataset
+from tunelite.data.preference import preference_collate, preference_dataset
 from tunelite.data.text import text_completion_dataset
 
 __all__ = [
@@ -10,5 +11,7 @@ __all__ = [
     "chat_dataset",
     "instruct_dataset",
     "padded_collate",
+    "preference_collate",
+    "preference_dataset",
     "text_completion_dataset",
 ]

@@ -5,10 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, random_model
-from tunelite.models.llama import LoRAArgs, RMSNorm, lora_llama
+from tunelite.models.llama import LoRAArgs, RMSNorm, lora_llama, set_activation_checkpointing
 from tunelite.modules.loss import IGNORE_INDEX, LinearCrossEntropyLoss
 from tunelite.modules.lora import LoRALinear, set_trainable_params
-from tunelite.modules.nf4 import dequantize_nf4, frozen_linear, linear_nf4, quantize_nf4
+from tunelite.modules import nf4
+from tunelite.modules.nf4 import dequantize_nf4, frozen_linear, quantize_nf4
+
+try:
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+except ImportError:  # torchao < 0.18
+    from torchao.dtypes.nf4tensor import linear_nf4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -17,10 +23,56 @@ def test_fused_nf4_dequantization_equals_torchao(dtype):
     assert torch.equal(dequantize_nf4(weight), weight.get_original_weight())
     x = torch.randn(3, 256, dtype=dtype, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    out, ref = frozen_linear(x, weight), linear_nf4(x_ref, weight)
-    out.sum().backward()
-    ref.sum().backward()
-    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+    for keep_dequantized in (False, True):
+        x.grad = x_ref.grad = None
+        out, ref = frozen_linear(x, weight, keep_dequantized), linear_nf4(x_ref, weight)
+        out.sum().backward()
+        ref.sum().backward()
+        assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+
+
+def qlora_step(monkeypatch, checkpointing: bool, keep: bool, compiled: bool = False) -> tuple[torch.Tensor, dict, int]:
+    """Loss, adapter gradients and the number of NF4 dequantizations of one step of the tiny QLoRA model."""
+    torch.manual_seed(0)
+    model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=True))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.05)
+    set_trainable_params(model)
+    set_activation_checkpointing(model, 1 if checkpointing else 0)
+    if not keep:
+        for layer in model.layers:
+            nf4.keep_dequantized_weights(layer, False)
+    if compiled:
+        for layer in model.layers:
+            layer.compile()
+    calls = []
+    real = nf4._dequantize_reference
+    monkeypatch.setattr(nf4, "_dequantize_reference", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = LinearCrossEntropyLoss(2)(model.hidden_states(tokens), tokens.roll(-1, dims=1), model.output)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+
+def test_a_recomputed_qlora_layer_hands_its_dequantized_weights_to_backward(monkeypatch):
+    """Three dequantizations of each weight a step (forward, recomputation, backward) become two,
+    with the same loss and gradients."""
+    loss, grads, kept = qlora_step(monkeypatch, checkpointing=True, keep=True)
+    ref_loss, ref_grads, plain = qlora_step(monkeypatch, checkpointing=True, keep=False)
+    weights = 7 * TINY.num_layers
+    # Layer 0's q, k and v have no backward at all: their input, the frozen embedding's output, needs no gradient.
+    assert (plain, kept) == (3 * weights - 3, 2 * weights)
+    assert torch.equal(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+    compiled_loss, compiled_grads, _ = qlora_step(monkeypatch, checkpointing=True, keep=True, compiled=True)
+    assert abs(compiled_loss.item() - loss.item()) <= 1e-5
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
+    _, _, unchecked = qlora_step(monkeypatch, checkpointing=False, keep=True)
+    assert unchecked == 2 * weights - 3, "layers that keep their activations must not keep bf16 weights too"
 
 
 def test_rms_norm_equals_the_fp32_reference_formula():

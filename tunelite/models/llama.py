@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelite.errors import ConfigError
 from tunelite.modules.lora import LoRALinear
-from tunelite.modules.nf4 import FrozenNF4Linear
+from tunelite.modules.nf4 import FrozenNF4Linear, keep_dequantized_weights
 
 
 @dataclass(frozen=True)
@@ -310,8 +310,11 @@ def plain_linear(in_dim: int, out_dim: int, name: str) -> nn.Module:
 
 
 def set_activation_checkpointing(model: TransformerDecoder, every: int = 1) -> None:
-    """Recompute every `every`-th layer's activations in backward (0 turns it off): memory for speed."""
+    """Recompute every `every`-th layer's activations in backward (0 turns it off): memory for speed.
+    A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward."""
     model.checkpoint_every = every
+    for i, layer in enumerate(model.layers):
+        keep_dequantized_weights(layer, bool(every) and i % every == 0)
 
 
 def llama(args: ModelArgs) -> TransformerDecoder:

@@ -35,6 +35,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.empty(out_dim, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # set by adapters_disabled: the frozen base alone
+        self.keep_dequantized = False  # NF4 base: see tunelite.modules.nf4.keep_dequantized_weights
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
             if quantize_base:
@@ -48,11 +49,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
-            return frozen_linear(x, self.weight)
+            return frozen_linear(x, self.weight, self.keep_dequantized)
         # alpha / rank scales the small B rather than the (tokens x out) product: eager PyTorch
         # would otherwise make one more pass over the layer's output forward and one backward.
         lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
-        return frozen_linear(x, self.weight) + lora
+        return frozen_linear(x, self.weight, self.keep_dequantized) + lora
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"

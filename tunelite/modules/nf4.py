@@ -20,14 +20,14 @@ for logger in _NOISY:
     logger.setLevel(logging.ERROR)
 try:
     from torchao.quantization import NF4Tensor, to_nf4
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 except ImportError:  # torchao < 0.18
-    from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4
+    from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 finally:
     for logger, level in zip(_NOISY, _levels):
         logger.setLevel(level)
 
-__all__ = ["FrozenNF4Linear", "NF4Tensor", "dequantize", "frozen_linear", "quantize_nf4"]
+__all__ = ["FrozenNF4Linear", "NF4Tensor", "dequantize", "dequantize_nf4", "frozen_linear", "keep_dequantized_weights",
+           "quantize_nf4"]
 
 BLOCK_SIZE = 64
 
@@ -46,49 +46,89 @@ def quantize_nf4(weight: torch.Tensor, shards: int = 1) -> NF4Tensor:
     return to_nf4(weight, BLOCK_SIZE, scaler_block)
 
 
-def _dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
-    """torchao's NF4Tensor.get_original_weight, written as one pure function so that on a GPU it
-    compiles to a single fused kernel; eager torchao runs a dozen kernels through int64 indices."""
-    first = weight.nf4[(weight.quantized_data >> 4).to(torch.int32)]
-    second = weight.nf4[(weight.quantized_data & 0b1111).to(torch.int32)]
-    scalers = weight.quantized_scalers.view(-1, weight.scaler_block_size) / weight.quantization_factor.unsqueeze(-1)
-    scalers = scalers.flatten().to(weight.dtype) + weight.scaler_mean
-    repeated = scalers.unsqueeze(-1).expand(scalers.size(0), weight.block_size // 2).flatten()
-    return torch.stack([first * repeated, second * repeated], dim=-1).reshape(weight.shape)
+def _dequantize_reference(
+    data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
+    block_size: int, scaler_block: int, rows: int, cols: int,
+) -> torch.Tensor:
+    """torchao's NF4Tensor.get_original_weight written as one pure function of the NF4 pieces: on the
+    CPU it is the reference, bit for bit, and what the GPU kernel below must equal."""
+    first = table[(data >> 4).to(torch.int32)]
+    second = table[(data & 0b1111).to(torch.int32)]
+    block_scales = (scalers.view(-1, scaler_block) / factor.unsqueeze(-1)).flatten().to(table.dtype) + mean
+    repeated = block_scales.unsqueeze(-1).expand(block_scales.size(0), block_size // 2).flatten()
+    return torch.stack([first * repeated, second * repeated], dim=-1).reshape(rows, cols)
 
 
-_dequantize_nf4_fused = torch.compile(_dequantize_nf4, dynamic=False)
+@torch.library.custom_op("tunelite::dequantize_nf4", mutates_args=())
+def _dequantize_op(
+    data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
+    block_size: int, scaler_block: int, rows: int, cols: int,
+) -> torch.Tensor:
+    """An opaque op to torch.compile, so a compiled layer calls the one-pass kernel instead of
+    tracing a dozen indexing ops, and its saved-tensor choice is ours (see _FrozenNF4Linear)."""
+    if data.is_cuda:
+        from tunelite.modules.nf4_kernel import dequantize_nf4_cuda
+
+        return dequantize_nf4_cuda(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols)
+    return _dequantize_reference(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols)
+
+
+@_dequantize_op.register_fake
+def _(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols):  # noqa: ANN001, ANN202
+    return table.new_empty((rows, cols))
+
+
+def _pieces(weight: NF4Tensor) -> tuple:
+    return (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+            weight.nf4, weight.block_size, weight.scaler_block_size, *weight.shape)
 
 
 def dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
-    return (_dequantize_nf4_fused if weight.quantized_data.is_cuda else _dequantize_nf4)(weight)
+    """The weight in its original dtype, in one pass over memory on a GPU (tunelite/modules/nf4_kernel.py)."""
+    return _dequantize_op(*_pieces(weight))
 
 
 class _FrozenNF4Linear(torch.autograd.Function):
-    """x @ dequant(W)^T with the gradient to x only; W is dequantized again in backward rather
-    than kept, so only its 4-bit form stays in memory."""
+    """x @ dequant(W)^T with the gradient to x only.
+
+    What backward needs of W: by default its 4-bit form, dequantized again in backward, so no bf16
+    copy outlives the forward. With `keep_dequantized`, the bf16 weight of the forward itself: for
+    a layer under activation checkpointing, whose first forward's saved tensors are dropped by the
+    checkpoint and whose recomputation runs just before its backward, this saves one of the three
+    dequantizations a step makes, for one layer's bf16 weights held during that layer's backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, dequantize_nf4(weight).to(x.dtype))
+    def forward(ctx, x: torch.Tensor, keep_dequantized: bool, *pieces: torch.Tensor | int) -> torch.Tensor:  # noqa: ANN001
+        weight = _dequantize_op(*pieces).to(x.dtype)
+        ctx.keep_dequantized, ctx.meta = keep_dequantized, pieces[5:]
+        if keep_dequantized:
+            ctx.save_for_backward(weight)
+        else:
+            ctx.save_for_backward(*pieces[:5])
+        return F.linear(x, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (weight,) = ctx.saved_tensors
-        return grad @ dequantize_nf4(weight).to(grad.dtype), None
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        saved = ctx.saved_tensors
+        weight = saved[0] if ctx.keep_dequantized else _dequantize_op(*saved, *ctx.meta)
+        return (grad @ weight.to(grad.dtype), None, *[None] * 9)
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for a frozen W that may be NF4: dequantized on the fly, gradient to x only.
-
-    Inside a compiled model torchao's `linear_nf4` is traced and fused by the compiler; outside
-    one, the fused dequantization kernel above does the same work in one launch."""
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, keep_dequantized: bool = False) -> torch.Tensor:
+    """x @ W^T for a frozen W that may be NF4: dequantized on the fly in one pass, gradient to x only;
+    `keep_dequantized` (layers under activation checkpointing): see _FrozenNF4Linear."""
     if not isinstance(weight, NF4Tensor):
         return F.linear(x, weight)
-    if torch.compiler.is_compiling():
-        return linear_nf4(input=x, weight=weight)
-    return _FrozenNF4Linear.apply(x, weight)
+    return _FrozenNF4Linear.apply(x, keep_dequantized, *_pieces(weight))
+
+
+def keep_dequantized_weights(module: nn.Module, keep: bool) -> None:
+    """Sets whether the NF4 linears inside `module` hand their forward's bf16 weight to backward
+    (see _FrozenNF4Linear): right for a layer whose activations are recomputed, wrong for one whose
+    activations are kept (every layer's bf16 weights would then stay alive until backward)."""
+    for child in module.modules():
+        if getattr(child, "quantize_base", False):
+            child.keep_dequantized = keep
 
 
 def dequantize(t: torch.Tensor) -> torch.Tensor:
@@ -103,6 +143,7 @@ class FrozenNF4Linear(nn.Module):
     checkpoint tensor as it assigns it, one layer at a time."""
 
     quantize_base = True
+    keep_dequantized = False  # see keep_dequantized_weights
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -112,4 +153,4 @@ class FrozenNF4Linear(nn.Module):
             self.weight = nn.Parameter(quantize_nf4(self.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(x, self.weight)
+        return frozen_linear(x, self.weight, self.keep_dequantized)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from tunelite.checkpointing.hf import HFCheckpointer, load_hf_state_dict
-from tunelite.errors import CheckpointError
+from tunelite.errors import CheckpointError, ConfigError
 from tunelite.models.llama import TransformerDecoder
 from tunelite.modules.lora import is_adapter_key
+from tunelite.modules import fp8
 from tunelite.modules.nf4 import quantize_nf4
 
 
@@ -31,19 +32,28 @@ def materialize_meta_tensors(model: nn.Module, device: torch.device, dtype: torc
             module.reset_parameters()
 
 
-
 def load_checkpoint_into(
     model: TransformerDecoder, checkpointer: HFCheckpointer, device: torch.device, dtype: torch.dtype
 ) -> TransformerDecoder:
     """Fills a meta-device model with the checkpoint's weights and initialises what it lacks.
 
-    Weights of QLoRA layers are quantized to NF4 as each one reaches the device, so the model in
-    bf16 never exists whole in GPU memory."""
-    quantized = nf4_weight_names(model)
+    Weights of QLoRA layers are quantized to NF4 as each one reaches the device, and those of an
+    FP8 base to FP8 (with their scales and transposed copy), so the model in bf16 never exists whole
+    in GPU memory."""
+    quantized, in_fp8 = nf4_weight_names(model), fp8_weight_names(model)
+    if in_fp8 and not fp8.fp8_supported(device):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"model.base_dtype: fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or "
+                          f"later: Ada, Hopper, Blackwell); {name} has none. Use base_dtype: bf16, or a qlora_ model "
+                          "for less memory")
     state = {}
     for key, value in checkpointer.load(model.args).items():
         value = value.to(device=device, dtype=dtype)
-        state[key] = quantize_nf4(value) if key in quantized else value
+        if key in in_fp8:
+            pieces = fp8.quantize_weight(value)
+            state.update({key.removesuffix("weight") + suffix: piece for suffix, piece in pieces.items()})
+        else:
+            state[key] = quantize_nf4(value) if key in quantized else value
     assign_checkpoint(model, state, checkpointer.checkpoint_dir, device, dtype)
     return model
 
@@ -67,6 +77,10 @@ def nf4_weight_names(model: nn.Module) -> set[str]:
     """The weights a QLoRA model keeps in NF4 (quantized as they load), by state-dict name."""
     return {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "quantize_base", False)}
 
+
+def fp8_weight_names(model: nn.Module) -> set[str]:
+    """The base weights a model keeps in FP8 (quantized as they load), by state-dict name."""
+    return {f"{name}.weight" for name, m in model.named_modules() if getattr(m, "fp8_base", False)}
 
 
 def restore_weights(model: nn.Module, folder: Path) -> None:

@@ -6,6 +6,7 @@ numbers, never by copied builder code.
 
 from typing import Callable
 
+from tunelite.errors import ConfigError
 from tunelite.models.llama import LoRAArgs, ModelArgs, TransformerDecoder, llama, lora_llama
 
 
@@ -28,7 +29,11 @@ def lora_builder(args: ModelArgs, name: str, quantize_base: bool = False) -> Cal
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
+        base_dtype: str | None = None,
     ) -> TransformerDecoder:
+        if base_dtype not in (None, "fp8") or (base_dtype and quantize_base):
+            allowed = "null (the run's dtype)" + ("" if quantize_base else " or fp8 (a GPU with FP8 tensor cores)")
+            raise ConfigError(f"model.base_dtype: {base_dtype!r} is not one of {allowed}")
         lora = LoRAArgs(
             lora_attn_modules=tuple(lora_attn_modules),
             apply_lora_to_mlp=apply_lora_to_mlp,
@@ -37,11 +42,13 @@ def lora_builder(args: ModelArgs, name: str, quantize_base: bool = False) -> Cal
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             quantize_base=quantize_base,
+            fp8_base=base_dtype == "fp8",
         )
         return lora_llama(args, lora)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{name}: the model with low-rank adapters on the named projections" + (
-        ", its frozen base weights stored in 4-bit NF4 (QLoRA)." if quantize_base else "."
+        ", its frozen base weights stored in 4-bit NF4 (QLoRA)." if quantize_base else
+        "; base_dtype: fp8 keeps the frozen base in FP8, for speed on GPUs with FP8 tensor cores."
     )
     return build

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelite.errors import ConfigError
 from tunelite.modules.lora import LoRALinear
+from tunelite.modules.fp8 import FrozenFP8Linear
 from tunelite.modules.nf4 import FrozenNF4Linear, keep_dequantized_weights
 
 
@@ -65,6 +66,7 @@ class LoRAArgs:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     quantize_base: bool = False
+    fp8_base: bool = False
     targets: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -334,12 +336,15 @@ def lora_llama(args: ModelArgs, lora: LoRAArgs) -> TransformerDecoder:
             "adapter; set apply_lora_to_output: False"
         )
 
-    # QLoRA keeps every frozen projection inside the layers in NF4; the output projection stays in
-    # bf16, as in torchtune and the QLoRA paper, since it is one matrix and the most sensitive.
+    # QLoRA keeps every frozen projection inside the layers in NF4, an FP8 base in FP8; the output
+    # projection stays in bf16, as in torchtune and the QLoRA paper, since it is one matrix and the
+    # most sensitive.
     def linear(in_dim: int, out_dim: int, name: str) -> nn.Module:
-        quantize = lora.quantize_base and name != "output"
+        quantize, in_fp8 = (flag and name != "output" for flag in (lora.quantize_base, lora.fp8_base))
         if name in lora.targets:
-            return LoRALinear(in_dim, out_dim, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, quantize)
+            return LoRALinear(in_dim, out_dim, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, quantize, in_fp8)
+        if in_fp8:
+            return FrozenFP8Linear(in_dim, out_dim)
         return FrozenNF4Linear(in_dim, out_dim) if quantize else plain_linear(in_dim, out_dim, name)
 
     return TransformerDecoder(args, linear)

@@ -100,6 +100,11 @@ class FrozenFP8Linear(torch.nn.Module):
         self.register_buffer(SCALE, torch.empty(out_dim))
         self.register_buffer(TRANSPOSED, torch.empty(in_dim, out_dim, dtype=FP8))
         self.register_buffer(TRANSPOSED_SCALE, torch.empty(in_dim))
+        if not self.weight.is_meta:  # built on a device (tests, benchmarks): random, as nn.Linear starts
+            pieces = quantize_weight(torch.nn.init.kaiming_uniform_(torch.empty(out_dim, in_dim), a=5**0.5))
+            self.weight = torch.nn.Parameter(pieces.pop("weight"), requires_grad=False)
+            for name, value in pieces.items():
+                setattr(self, name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale)

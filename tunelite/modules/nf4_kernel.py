@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 BYTES_PER_PROGRAM = 2048  # each program reads 2 KiB of codes and writes 4,096 values
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -34,12 +35,14 @@ def _dequantize_kernel(data_ptr, scalers_ptr, factor_ptr, mean_ptr, table_ptr, o
 
 def dequantize_nf4_cuda(
     data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
-    block_size: int, scaler_block: int, rows: int, cols: int,
+    block_size: int, scaler_block: int, rows: int, cols: int, bytes_per_program: int = BYTES_PER_PROGRAM,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """The (rows, cols) weight in `table`'s dtype from torchao's NF4 pieces."""
+    """The (rows, cols) weight in `table`'s dtype from torchao's NF4 pieces (the launch shape is a
+    parameter for benchmarks/layer_levers.py's sweep)."""
     out = torch.empty((rows, cols), dtype=table.dtype, device=data.device)
     n_bytes = data.numel()
-    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
+    grid = (triton.cdiv(n_bytes, bytes_per_program),)
     _dequantize_kernel[grid](data, scalers, factor, mean, table, out, n_bytes, BYTES_PER_BLOCK=block_size // 2,
-                             SCALER_BLOCK=scaler_block, BLOCK=BYTES_PER_PROGRAM)
+                             SCALER_BLOCK=scaler_block, BLOCK=bytes_per_program, num_warps=num_warps)
     return out

@@ -30,6 +30,8 @@ SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
+    "original/tokenizer.model",  # Meta's tiktoken file, which tunelite's Llama 3 tokenizer reads
 )
 
 _GLOBAL = {
@@ -233,9 +235,17 @@ def save_hf_state_dict(
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     else:
         save_file(_contiguous(hf_state), out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    for name in SIDE_FILES if source_dir is not None else ():
-        if (Path(source_dir) / name).is_file():
-            shutil.copy2(Path(source_dir) / name, out_dir / name)
+    if source_dir is not None:
+        copy_side_files(Path(source_dir), out_dir)
+
+
+def copy_side_files(source_dir: Path, out_dir: Path) -> None:
+    """Copies the config, generation and tokenizer files a model folder has, so a folder written
+    from its weights loads with the same tokenizer and generation settings."""
+    for name in SIDE_FILES:
+        if (source_dir / name).is_file():
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source_dir / name, out_dir / name)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ _SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
 _ATTN_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _OUTPUT_TARGET = "lm_head"
+# What `tunelite download` writes into a folder it fetched: {"repo_id": ..., "revision": ...}.
+SOURCE_RECORD = "tunelite_source.json"
 
 
 def peft_key(our_key: str) -> str:
@@ -158,6 +160,26 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str) -> dict:
         "use_rslora": False,
         "use_dora": False,
     }
+
+
+def base_model_name(checkpoint_dir: str | Path, base_model_id: str | None = None) -> str:
+    """What an adapter names as its `base_model_name_or_path`: `base_model_id` when given, else the
+    hub id `tunelite download` recorded in the base folder, else the folder's path. A hub id lets
+    peft find the base wherever the adapter is shared; a local path only works on this machine."""
+    if base_model_id:
+        return base_model_id
+    record = Path(checkpoint_dir) / SOURCE_RECORD
+    if not record.is_file():
+        return str(checkpoint_dir)
+    try:
+        repo_id = json.loads(record.read_text()).get("repo_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{record} is not a JSON object with a repo_id ({e}); delete it, or set "
+                              "base_model_id in the config") from e
+    if not isinstance(repo_id, str) or not repo_id:
+        raise CheckpointError(f"{record}: repo_id must be a hub id like meta-llama/Llama-3.1-8B, got {repo_id!r}; "
+                              "fix it, or set base_model_id in the config")
+    return repo_id
 
 
 def save_peft_adapter(

@@ -1,0 +1,151 @@
+"""A peft LoRA adapter folded into its base model folder, written as a plain HF model folder.
+
+`merge_lora_state_dict` folds a whole state dict at once, which for a 70B base needs the model
+in host memory. Here each base tensor is read on its own (memory-mapped), folded with its
+adapter in row blocks, cast, and written straight into the output shard of the same name, so
+memory holds about one tensor whatever the model's size; the output keeps the base's shards,
+index, config and tokenizer files, and appears at once, complete (`atomic_folder`).
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelite.checkpointing.atomic import atomic_folder
+from tunelite.checkpointing.hf import INDEX_FILE, copy_side_files, hf_to_ours, read_hf_config, weight_files
+from tunelite.checkpointing.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, lora_args_from_adapter_config
+from tunelite.checkpointing.streamed import (
+    TensorEntry,
+    block_rows,
+    list_tensors,
+    read_tensor,
+    row_blocks,
+    write_safetensors,
+)
+from tunelite.errors import CheckpointError
+from tunelite.modules.lora import merge_lora_state_dict
+
+# Written into the merged folder: what it was made from, for model cards (`tunelite upload`).
+MERGE_RECORD = "tunelite_merge.json"
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What a merge did, for the command to report."""
+
+    output_dir: Path
+    files: int
+    tensors: int
+    adapted: int
+
+
+def hf_name_mapping(hf_config: dict) -> Callable[[str], str | None]:
+    """HF tensor name -> tunelite name for the base's model family: the one place merging meets the
+    key mapping (today one Llama table), so a per-family mapping replaces it here alone."""
+    return hf_to_ours
+
+
+def merge_adapter(
+    base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: torch.dtype | None = None,
+    base_model_name: str | None = None,
+) -> MergeSummary:
+    """Writes `base_dir` with the peft adapter in `adapter_dir` folded in (W + alpha/r * B @ A,
+    in fp32, rounded once) to the new folder `output_dir`, each tensor in `dtype` or as stored.
+
+    Refuses, naming the adapter's file, an adapter made for another base (modules it lacks,
+    shapes that differ) or whose rank disagrees with its adapter_config.json."""
+    base_dir, adapter_dir, output_dir = Path(base_dir), Path(adapter_dir), Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise CheckpointError(f"{output_dir} exists and is not empty: merge into a new folder (nothing is overwritten)")
+    hf_config = read_hf_config(base_dir)
+    lora = lora_args_from_adapter_config(adapter_dir)
+    adapter, adapter_config = load_peft_adapter(adapter_dir)
+    to_ours = hf_name_mapping(hf_config)
+    files = {path: list_tensors(path) for path in weight_files(base_dir)}
+    pairs = _adapter_pairs(files, adapter, to_ours, adapter_dir, base_dir, adapter_config, lora.lora_rank)
+
+    def blocks(entry: TensorEntry) -> Iterator[torch.Tensor]:
+        tensor = read_tensor(entry)
+        if entry.name not in pairs:
+            yield from (block.to(_out_dtype(entry, dtype)) for block in row_blocks(tensor))
+            return
+        lora_a, lora_b = pairs[entry.name]
+        rows = block_rows(tensor)
+        for start in range(0, tensor.shape[0], rows):
+            folded = merge_lora_state_dict({"weight": tensor[start:start + rows].float(), "lora_a": lora_a,
+                                            "lora_b": lora_b[start:start + rows]}, lora.lora_rank, lora.lora_alpha)
+            yield folded["weight"].to(_out_dtype(entry, dtype))
+
+    with atomic_folder(output_dir) as tmp:
+        for path, entries in files.items():
+            header = [(e.name, _out_dtype(e, dtype), e.shape) for e in entries]
+            write_safetensors(tmp / path.name, header, (blocks(e) for e in entries), metadata={"format": "pt"})
+        copy_side_files(base_dir, tmp)
+        if (base_dir / INDEX_FILE).is_file():
+            _write_index(base_dir / INDEX_FILE, tmp)
+        if dtype is not None:
+            _set_config_dtype(tmp / "config.json", dtype)
+        record = {"base_model": base_model_name or str(base_dir), "adapter": str(adapter_dir),
+                  "adapter_base_model": adapter_config.get("base_model_name_or_path")}
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2))
+    return MergeSummary(output_dir, len(files), sum(len(e) for e in files.values()), len(pairs))
+
+
+def _out_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype` for floating-point tensors when one is asked for; otherwise as stored."""
+    return dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+
+
+def _adapter_pairs(
+    files: dict[Path, list[TensorEntry]], adapter: dict[str, torch.Tensor], to_ours: Callable[[str], str | None],
+    adapter_dir: Path, base_dir: Path, adapter_config: dict, rank: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_a, lora_b) for each base tensor the adapter changes, keyed by its HF name, after
+    checking that the adapter fits this base."""
+    weights_file = adapter_dir / ADAPTER_WEIGHTS
+    made_for = adapter_config.get("base_model_name_or_path")
+    pairs = {}
+    for entry in (e for entries in files.values() for e in entries):
+        ours = to_ours(entry.name)
+        if ours is None or ours.removesuffix("weight") + "lora_a" not in adapter:
+            continue
+        prefix = ours.removesuffix("weight")
+        lora_a, lora_b = adapter[prefix + "lora_a"], adapter[prefix + "lora_b"]
+        if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
+            raise CheckpointError(f"{weights_file}: {prefix}lora_a/lora_b have rank {lora_a.shape[0]}, but "
+                                  f"{adapter_dir / ADAPTER_CONFIG} says r={rank}; the folder mixes two adapters")
+        if (lora_b.shape[0], lora_a.shape[1]) != tuple(entry.shape):
+            raise CheckpointError(
+                f"{weights_file}: the adapter of {entry.name} is for a {lora_b.shape[0]} x {lora_a.shape[1]} weight, "
+                f"but {base_dir}'s is {' x '.join(map(str, entry.shape))}: the adapter was made for another base "
+                f"model ({made_for}); merge it into that one")
+        pairs[entry.name] = (lora_a.float(), lora_b.float())
+    unmatched = sorted({key.rsplit(".", 1)[0] for key in adapter} - {
+        to_ours(name).removesuffix(".weight") for name in pairs})
+    if unmatched:
+        raise CheckpointError(
+            f"{weights_file}: adapters on {unmatched[:3]}{' ...' if len(unmatched) > 3 else ''}, which {base_dir} "
+            f"has no weight for: the adapter was made for another base model ({made_for}); merge it into that one")
+    return pairs
+
+
+def _write_index(source_index: Path, out_dir: Path) -> None:
+    """The base's index with the same tensor -> shard map and the merged shards' total size."""
+    index = json.loads(source_index.read_text())
+    total = sum(e.nbytes for shard in sorted(set(index["weight_map"].values()))
+                for e in list_tensors(out_dir / shard))
+    index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype the weights are stored in (`torch_dtype`, `dtype` in transformers 5)."""
+    config = json.loads(config_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    config_path.write_text(json.dumps(config, indent=2))

@@ -1,14 +1,16 @@
-"""A conversation with the model: the chat layout of the tokenizer, and the reply streamed out."""
+"""A conversation with the model: the chat layout of the tokenizer, and the reply streamed out
+(to a terminal, or to an HTTP client)."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tunelite.errors import TuneliteError
 from tunelite.generation.loop import GenerationSettings, GenerationStats, generate
-from tunelite.generation.streaming import TextStream
+from tunelite.generation.streaming import StopStrings, TextStream
 from tunelite.models.llama import TransformerDecoder
 from tunelite.tokenizers.messages import Message
 
@@ -51,16 +53,45 @@ class ChatSession:
         settings = self.settings
         if len(prompt) + settings.max_new_tokens > window:
             settings = dataclasses.replace(settings, max_new_tokens=window - len(prompt))
-        stop = set(self.tokenizer.stop_tokens)
-        stream = TextStream(self.tokenizer.decode)
-
-        def on_tokens(new: list[int]) -> None:
-            if new[0] not in stop:
-                write(stream.push(new[0]))
-
-        (answer,), stats = generate(self.model, [prompt], settings, stop, on_tokens=on_tokens, generator=generator)
-        write(stream.flush())
-        reply = self.tokenizer.decode(answer)
+        reply = stream_reply(self.model, self.tokenizer, prompt, settings, write, generator)
         if self.chat:
-            self.messages += [Message("user", text), Message("assistant", reply)]
-        return reply, stats
+            self.messages += [Message("user", text), Message("assistant", reply.text)]
+        return reply.text, reply.stats
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A generated reply: its text, how many tokens it took (an end token excluded), and why it
+    ended, in OpenAI's words: "stop" (an end token or a stop string), "length" (the token limit)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+    stats: GenerationStats
+
+
+def stream_reply(
+    model: TransformerDecoder, tokenizer: Any, prompt: list[int], settings: GenerationSettings,
+    write: Callable[[str], None], generator: torch.Generator | None = None, stop_strings: Sequence[str] = (),
+) -> Reply:
+    """Continues `prompt` until one of the tokenizer's stop tokens, the first of `stop_strings` (left
+    out) or `settings.max_new_tokens`, passing the text to `write` piece by piece as it is generated."""
+    stop = set(tokenizer.stop_tokens)
+    stream, cut = TextStream(tokenizer.decode), StopStrings(stop_strings)
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        if text:
+            pieces.append(text)
+            write(text)
+
+    def on_tokens(new: list[int]) -> bool:
+        if new[0] not in stop:
+            emit(cut.push(stream.push(new[0])))
+        return cut.stopped
+
+    (answer,), stats = generate(model, [prompt], settings, stop, on_tokens=on_tokens, generator=generator)
+    emit(cut.push(stream.flush()))
+    emit(cut.flush())
+    ended = cut.stopped or stats.num_tokens > len(answer)
+    return Reply("".join(pieces), len(answer), "stop" if ended else "length", stats)

@@ -72,12 +72,12 @@ def generate(
     settings: GenerationSettings,
     stop_tokens: Collection[int] = (),
     use_cache: bool = True,
-    on_tokens: Callable[[list[int]], None] | None = None,
+    on_tokens: Callable[[list[int]], bool | None] | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], GenerationStats]:
     """Continues each prompt by up to `settings.max_new_tokens` tokens, a row ending at its first
     stop token (not included in its result). `on_tokens` receives each step's new token of every
-    row, for streaming. Without `use_cache` each step recomputes the whole sequence: the
+    row, for streaming; returning True ends generation after that step (a stop string seen). Without `use_cache` each step recomputes the whole sequence: the
     reference the cache is tested against. The model should be in eval mode."""
     device = model.tok_embeddings.weight.device
     longest = max(len(p) for p in prompts)
@@ -107,8 +107,8 @@ def generate(
             new = next_tokens.tolist()  # waits for the GPU: the timings below are real
             if not first_token_at:
                 first_token_at = time.perf_counter() - started
-            if on_tokens is not None:
-                on_tokens(new)
+            if on_tokens is not None and on_tokens(new):
+                done[:] = True
             start, end = (end if use_cache else 0), end + 1
     finally:
         if use_cache:

@@ -1,4 +1,5 @@
-"""Turning tokens into text one at a time, for printing a reply while it is generated."""
+"""Turning tokens into text one at a time, for printing a reply while it is generated, and
+ending it at a stop string without ever showing part of one."""
 
 from collections.abc import Callable, Sequence
 
@@ -36,3 +37,35 @@ class TextStream:
     def text(self) -> str:
         """Everything pushed so far, decoded at once."""
         return self.decode(self.ids)
+
+
+class StopStrings:
+    """Cuts streamed text at the first of some stop strings (OpenAI's `stop`), which is left out.
+
+    Text that could be the beginning of a stop string is held back until the next piece shows
+    whether it is one, so a streamed reply never shows a stop string, or part of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The text that is now certain to be part of the reply."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        found = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.pending = self.pending[:min(found)], ""
+            return out
+        held = max((k for stop in self.stops for k in range(1, min(len(stop), len(self.pending) + 1))
+                    if self.pending.endswith(stop[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - held], self.pending[len(self.pending) - held:]
+        return out
+
+    def flush(self) -> str:
+        """The text held back when the reply ended without completing a stop string."""
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,1 @@
+"""Sharing results on the Hugging Face Hub: model cards and uploads (`tunelite upload`)."""

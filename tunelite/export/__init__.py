@@ -1,0 +1,1 @@
+"""Model files for other runtimes: GGUF for llama.cpp and Ollama (`tunelite export gguf`)."""

@@ -1,5 +1,6 @@
 """Peak host memory of `tunelite merge` on a sharded folder of random weights, against its largest
-shard, and of the in-memory merge (load everything, fold, save) for comparison.
+shard, and of the in-memory merge (load everything, fold, save, as the recipes' final export
+does) for comparison.
 
     python benchmarks/merge_memory.py --layers 8 --shards 4 --dim 2048 --hidden 5632
 
@@ -22,9 +23,9 @@ from tunelite.checkpointing.peft import save_peft_adapter
 from tunelite.models.llama import LoRAArgs, lora_llama
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 
-PRELUDE = "import sys, torch\nfrom pathlib import Path\nimport tunelite.checkpointing.merge\n"
+PRELUDE = "import sys, torch\nfrom pathlib import Path\nimport tunelite.checkpointing.merge\nfrom tunelite.cli.main import main\n"
 PEAK = "\nprint(int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) * 1024)"
-STREAMED = PRELUDE + "tunelite.checkpointing.merge.merge_adapter(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))" + PEAK
+STREAMED = PRELUDE + "main(['merge', '--base', sys.argv[1], '--adapter', sys.argv[2], '--output-dir', sys.argv[3]])" + PEAK
 IN_MEMORY = PRELUDE + """
 from tunelite.checkpointing.hf import load_hf_state_dict, save_hf_state_dict
 from tunelite.checkpointing.peft import load_peft_adapter

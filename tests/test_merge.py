@@ -134,13 +134,13 @@ def test_streamed_writer_writes_what_safetensors_reads(tmp_path):
 # Peak resident memory of this process since exec (VmHWM; ru_maxrss would include the parent's
 # memory at fork).
 PEAK = "print(int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) * 1024)"
-IDLE = "import sys\nfrom pathlib import Path\nimport torch\nfrom tunelite.checkpointing.merge import merge_adapter\n"
-MERGE = IDLE + "merge_adapter(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))\n"
+IDLE = "import sys\nfrom pathlib import Path\nimport torch\nimport tunelite.checkpointing.merge\nfrom tunelite.cli.main import main\n"
+MERGE = IDLE + "main(['merge', '--base', sys.argv[1], '--adapter', sys.argv[2], '--output-dir', sys.argv[3]])\n"
 
 
 def test_a_sharded_merge_holds_far_less_than_one_shard_in_host_memory(tmp_path):
-    """Three ~130 MiB shards of 4 MiB tensors, every linear weight adapted: the merge's peak memory
-    over an idle interpreter's stays below one shard (it holds about one tensor at a time)."""
+    """Three ~130 MiB shards of 4 MiB tensors, every linear weight adapted: `tunelite merge`'s peak
+    memory over an idle interpreter's stays below one shard (it holds about one block at a time)."""
     args = dataclasses.replace(TINY, num_layers=24, embed_dim=512, num_heads=8, num_kv_heads=8,
                                intermediate_dim=2048, vocab_size=2048)
     base = tmp_path / "base"
@@ -173,3 +173,11 @@ def _write_shards(folder: Path, args, state: dict[str, torch.Tensor], shards: in
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     save_hf_state_dict(state, folder, source_dir=folder, dtype=torch.float32)
     (folder / "config.json").write_text(json.dumps(hf_config_from_model_args(args, torch.float32)))
+
+
+@pytest.mark.parametrize("command", ["merge", "serve", "upload", "export"])
+def test_shipping_subcommands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: tunelite {command}" in capsys.readouterr().out

@@ -1,9 +1,9 @@
 """A peft LoRA adapter folded into its base model folder, written as a plain HF model folder.
 
 `merge_lora_state_dict` folds a whole state dict at once, which for a 70B base needs the model
-in host memory. Here each base tensor is read on its own (memory-mapped), folded with its
-adapter in row blocks, cast, and written straight into the output shard of the same name, so
-memory holds about one tensor whatever the model's size; the output keeps the base's shards,
+in host memory. Here each base tensor is read in blocks of rows, each folded with its
+adapter's rows, cast, and written straight into the output shard of the same name, so memory
+holds about one block whatever the model's size; the output keeps the base's shards,
 index, config and tokenizer files, and appears at once, complete (`atomic_folder`).
 """
 
@@ -17,14 +17,7 @@ import torch
 from tunelite.checkpointing.atomic import atomic_folder
 from tunelite.checkpointing.hf import INDEX_FILE, copy_side_files, hf_to_ours, read_hf_config, weight_files
 from tunelite.checkpointing.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, lora_args_from_adapter_config
-from tunelite.checkpointing.streamed import (
-    TensorEntry,
-    block_rows,
-    list_tensors,
-    read_tensor,
-    row_blocks,
-    write_safetensors,
-)
+from tunelite.checkpointing.streamed import TensorEntry, list_tensors, read_row_blocks, write_safetensors
 from tunelite.errors import CheckpointError
 from tunelite.modules.lora import merge_lora_state_dict
 
@@ -68,16 +61,14 @@ def merge_adapter(
     pairs = _adapter_pairs(files, adapter, to_ours, adapter_dir, base_dir, adapter_config, lora.lora_rank)
 
     def blocks(entry: TensorEntry) -> Iterator[torch.Tensor]:
-        tensor = read_tensor(entry)
-        if entry.name not in pairs:
-            yield from (block.to(_out_dtype(entry, dtype)) for block in row_blocks(tensor))
-            return
-        lora_a, lora_b = pairs[entry.name]
-        rows = block_rows(tensor)
-        for start in range(0, tensor.shape[0], rows):
-            folded = merge_lora_state_dict({"weight": tensor[start:start + rows].float(), "lora_a": lora_a,
-                                            "lora_b": lora_b[start:start + rows]}, lora.lora_rank, lora.lora_alpha)
-            yield folded["weight"].to(_out_dtype(entry, dtype))
+        out_dtype = _out_dtype(entry, dtype)
+        for start, block in read_row_blocks(entry):
+            if entry.name in pairs:
+                lora_a, lora_b = pairs[entry.name]
+                block = merge_lora_state_dict({"weight": block.float(), "lora_a": lora_a,
+                                               "lora_b": lora_b[start:start + len(block)]},
+                                              lora.lora_rank, lora.lora_alpha)["weight"]
+            yield block.to(out_dtype)
 
     with atomic_folder(output_dir) as tmp:
         for path, entries in files.items():

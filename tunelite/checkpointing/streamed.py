@@ -1,10 +1,11 @@
 """safetensors files read and written one tensor (or one block of rows) at a time.
 
 A merge or an export of a 70B model must not need the model in host memory, nor even one
-5 GB shard. Opening a file memory-maps it whole, and every page a tensor touches then counts
-in the process's memory until the file is closed, so each tensor is read through a handle
-of its own that closes with it. The writer takes the header first (names, dtypes, shapes)
-and the data afterwards as a stream of row blocks, so nothing but the block in hand is held.
+5 GB shard. Opening a file memory-maps it whole, and every page read through the mapping then
+counts in the process's memory until the file is closed, so each tensor (or block of rows) is
+read through a handle of its own that closes with it. The writer takes the header first
+(names, dtypes, shapes) and the data afterwards as a stream of row blocks, so nothing but the
+block in hand is held.
 """
 
 import json
@@ -25,8 +26,8 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-# Rows per block when a tensor is transformed on its way out: ~4M values, 16 MiB in fp32. Small
-# blocks bound the temporaries of a fold (several fp32 copies of a block), however large the tensor.
+# Rows per block when a tensor is streamed: ~4M values, 16 MiB in fp32. Small blocks bound what
+# a fold holds (the block and a few fp32 temporaries of it), however large the tensor.
 BLOCK_VALUES = 1 << 22
 
 
@@ -70,19 +71,26 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
                               "corrupt") from e
 
 
-def block_rows(tensor: torch.Tensor, block_values: int = BLOCK_VALUES) -> int:
-    """How many rows (dim 0) of the tensor make a block of about `block_values` values."""
-    return max(1, block_values // max(1, tensor[0].numel())) if tensor.dim() else 1
+def block_rows(shape: tuple[int, ...], block_values: int = BLOCK_VALUES) -> int:
+    """How many rows (dim 0) of a tensor of this shape make a block of about `block_values` values."""
+    return max(1, block_values // max(1, math.prod(shape[1:]))) if shape else 1
 
 
-def row_blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The tensor as consecutive blocks of `block_rows` whole rows."""
-    if tensor.dim() == 0 or tensor.numel() == 0:
-        yield tensor
+def read_row_blocks(entry: TensorEntry) -> Iterator[tuple[int, torch.Tensor]]:
+    """The tensor as (first row, block of `block_rows` rows), each block read through a handle of
+    its own: however large the tensor (a 2 GiB lm_head), memory holds one block of it."""
+    if len(entry.shape) == 0 or math.prod(entry.shape) == 0:
+        yield 0, read_tensor(entry)
         return
-    rows = block_rows(tensor)
-    for start in range(0, tensor.shape[0], rows):
-        yield tensor[start:start + rows]
+    rows = block_rows(entry.shape)
+    for start in range(0, entry.shape[0], rows):
+        try:
+            with safe_open(entry.file, framework="pt") as f:
+                block = f.get_slice(entry.name)[start:start + rows]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{entry.file} cannot be read as safetensors ({e}); the file is truncated or "
+                                  "corrupt") from e
+        yield start, block
 
 
 def write_safetensors(

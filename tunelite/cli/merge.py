@@ -6,6 +6,8 @@ Tensors are streamed one at a time, so a 70B merge needs about one tensor of hos
 """
 
 import argparse
+import ctypes
+import ctypes.util
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ def merge(args: argparse.Namespace) -> int:
     from tunelite.checkpointing.merge import merge_adapter
     from tunelite.checkpointing.peft import base_model_name
 
+    release_freed_memory_promptly()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     summary = merge_adapter(args.base, args.adapter, args.output_dir, dtype,
                             base_model_name(args.base, args.base_model_id))
@@ -40,3 +43,17 @@ def merge(args: argparse.Namespace) -> int:
           f"checkpointer.checkpoint_dir={summary.output_dir}\n"
           f"  share: tunelite upload {summary.output_dir} USER/NAME")
     return 0
+
+
+def release_freed_memory_promptly() -> None:
+    """Makes glibc hand freed blocks of 1 MiB and more straight back to the system.
+
+    By default glibc raises its mmap threshold each time a large block is freed, so the merge's
+    many 8-16 MiB temporaries end up on its heap, which it rarely shrinks: measured on a 1.8 GiB
+    model, that kept 150-250 MiB more than the merge needs. A fixed threshold (mallopt
+    M_MMAP_THRESHOLD) turns that off. Elsewhere than glibc there is nothing to do."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, 1 MiB
+    except (OSError, AttributeError):
+        pass

@@ -17,6 +17,7 @@ from tunelite.checkpointing.peft import save_peft_adapter
 from tunelite.cli.main import main
 from tunelite.hub.model_card import environment_secrets, is_secret_name, redact
 from tunelite.hub.upload import UploadError, files_to_upload
+from tunelite.serving.server import send_json
 
 HF_TOKEN = "hf_Secret0TokenValue1234567890"
 WANDB_KEY = "wandb0secret0key0abcdef0123456789"
@@ -68,12 +69,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._json(404, {"error": f"stand-in has no {path}"})
 
     def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def log_message(self, *args) -> None:
         pass

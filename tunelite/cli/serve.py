@@ -50,14 +50,16 @@ def serve(args: argparse.Namespace) -> int:
 def build_server(config: str, overrides: list[str], host: str, port: int, name: str | None = None) -> "OpenAIServer":
     """The server for a generation config, listening but not yet serving. `name` defaults to the
     adapter folder, else the checkpoint folder, as given in the config."""
+    from tunelite import recipe_registry
     from tunelite.config import instantiate, load_recipe_config
     from tunelite.errors import ResourceError
     from tunelite.generation import GenerationSettings, load_generation_model
     from tunelite.serving import OpenAIServer, ServedModel
-    from tunelite.training.device import get_device, get_dtype
-    from tunelite.training.seed import set_seed
+    from tunelite.runtime.device import get_device, get_dtype
+    from tunelite.runtime.seed import set_seed
 
-    cfg = load_recipe_config(config, overrides)
+    script = recipe_registry.recipe_script("generate")
+    cfg = load_recipe_config(config, recipe_registry.read_declarations(script).keys, overrides)
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
     set_seed(cfg.seed)

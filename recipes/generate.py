@@ -9,6 +9,9 @@ printed as it is generated, then its speed: time to first token and tokens/s.
 """
 
 import sys
+from typing import Any
+
+import torch
 
 from omegaconf import DictConfig
 
@@ -24,14 +27,20 @@ CONFIG_KEYS = {
 }
 
 
-def main(cfg: DictConfig) -> None:
+def load(cfg: DictConfig) -> tuple[torch.nn.Module, Any, GenerationSettings]:
+    """The model, tokenizer and sampling settings a generation config names: what `main` chats
+    with and what `tunelite serve` answers requests with."""
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = instantiate(cfg.tokenizer)
     model = load_generation_model(instantiate(cfg.checkpointer), cfg.get("adapter_dir"), device, dtype,
                                   cfg.get("model"))
-    settings = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.get("top_k"), cfg.get("top_p"))
+    return model, tokenizer, GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.get("top_k"), cfg.get("top_p"))
+
+
+def main(cfg: DictConfig) -> None:
+    model, tokenizer, settings = load(cfg)
     session = ChatSession(model, tokenizer, settings, cfg.get("chat", True), cfg.get("system_prompt"))
 
     def respond(text: str) -> None:

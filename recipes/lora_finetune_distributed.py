@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from tunelite.checkpointing.peft import load_adapter_into, save_peft_adapter
+from tunelite.checkpointing.peft import base_model_name, load_adapter_into, save_peft_adapter
 from tunelite.checkpointing.state import (
     Progress,
     find_resume_folder,
@@ -68,7 +68,7 @@ CONFIG_KEYS = {
     "optional": (
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
-        "resume_from_checkpoint", "log_peak_memory_stats", "fsdp_reshard_after_forward",
+        "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "fsdp_reshard_after_forward",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -129,7 +129,8 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
     def write_adapter(folder: Path | None) -> None:
         adapter = gather_full_state_dict(model, keep=is_adapter_key)
         if folder is not None:
-            save_peft_adapter(model, folder / "adapter", str(checkpointer.checkpoint_dir), adapter)
+            save_peft_adapter(model, folder / "adapter", base_model_name(checkpointer.checkpoint_dir,
+                                                                         cfg.get("base_model_id")), adapter)
         if cfg.get("save_merged_model", False) and progress.step == total_steps:
             full = gather_full_state_dict(model)  # the whole model in host memory, on rank 0 only
             if folder is not None:

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.checkpointing.loading import load_checkpoint_into
-from tunelite.checkpointing.peft import load_adapter_into, save_peft_adapter
+from tunelite.checkpointing.peft import base_model_name, load_adapter_into, save_peft_adapter
 from tunelite.checkpointing.state import (
     Progress,
     find_resume_folder,
@@ -60,7 +60,7 @@ CONFIG_KEYS = {
     "optional": (
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
-        "resume_from_checkpoint", "log_peak_memory_stats",
+        "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -112,7 +112,8 @@ def main(cfg: DictConfig) -> None:
                                   cfg.shuffle, cfg.seed)
 
     def write_adapter(folder: Path) -> None:
-        save_peft_adapter(model, folder / "adapter", base_model_name_or_path=str(checkpointer.checkpoint_dir))
+        base = base_model_name(checkpointer.checkpoint_dir, cfg.get("base_model_id"))  # the hub id where known
+        save_peft_adapter(model, folder / "adapter", base)
         if cfg.get("save_merged_model", False) and progress.step == total_steps:
             checkpointer.save(merged_state_dict(model), folder / "model")
 

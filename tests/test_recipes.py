@@ -36,7 +36,7 @@ def test_validate_names_the_key_path_of_a_typo(tmp_path, capsys):
 def test_tiny_lora_demo_learns_and_writes_loadable_outputs(tmp_path):
     out = tmp_path / "run"
     code = main(["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}",
-                 "epochs=2", "log_every_n_steps=1"])
+                 "epochs=2", "log_every_n_steps=1", "+base_model_id=meta-llama/Llama-3.1-8B-Instruct"])
     assert code in (0, None)
     rows = [json.loads(line) for line in next((out / "logs").glob("*.jsonl")).read_text().splitlines()]
     assert len(rows) == 24  # 100 samples // batch 8 = 12 steps, 2 epochs
@@ -44,6 +44,7 @@ def test_tiny_lora_demo_learns_and_writes_loadable_outputs(tmp_path):
 
     final = out / "step_24"
     adapter, adapter_config = load_peft_adapter(final / "adapter")
+    assert adapter_config["base_model_name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"  # for peft, once shared
     assert adapter_config["r"] == 16 and adapter_config["target_modules"] == [
         "down_proj", "gate_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith("lora_b"))

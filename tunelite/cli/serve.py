@@ -8,6 +8,7 @@ throughput serve the merged folder or the adapter with vLLM (see the README).
 """
 
 import argparse
+import runpy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,22 +52,13 @@ def build_server(config: str, overrides: list[str], host: str, port: int, name: 
     """The server for a generation config, listening but not yet serving. `name` defaults to the
     adapter folder, else the checkpoint folder, as given in the config."""
     from tunelite import recipe_registry
-    from tunelite.config import instantiate, load_recipe_config
+    from tunelite.config import load_recipe_config
     from tunelite.errors import ResourceError
-    from tunelite.generation import GenerationSettings, load_generation_model
     from tunelite.serving import OpenAIServer, ServedModel
-    from tunelite.runtime.device import get_device, get_dtype
-    from tunelite.runtime.seed import set_seed
 
     script = recipe_registry.recipe_script("generate")
     cfg = load_recipe_config(config, recipe_registry.read_declarations(script).keys, overrides)
-    device = get_device(cfg.device)
-    dtype = get_dtype(cfg.dtype, device)
-    set_seed(cfg.seed)
-    tokenizer = instantiate(cfg.tokenizer)
-    model = load_generation_model(instantiate(cfg.checkpointer), cfg.get("adapter_dir"), device, dtype,
-                                  cfg.get("model"))
-    defaults = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.get("top_k"), cfg.get("top_p"))
+    model, tokenizer, defaults = runpy.run_path(str(script))["load"](cfg)  # as `tunelite generate` builds them
     name = name or str(cfg.get("adapter_dir") or cfg.checkpointer.checkpoint_dir)
     try:
         return OpenAIServer(ServedModel(model, tokenizer, name, defaults), host, port)

@@ -1,5 +1,9 @@
-"""Llama 2 and Llama 3 tokenizers with chat formatting and loss masks."""
+"""Tokenizers with chat formatting and loss masks: any Hugging Face folder's tokenizer.json and chat
+template, and Meta's Llama 2 / Llama 3 files with their hand-written layouts."""
 
+from tunelite.tokenizers.auto import auto_tokenizer
+from tunelite.tokenizers.chat_template import ChatTemplate
+from tunelite.tokenizers.hf import HFTokenizer, hf_tokenizer
 from tunelite.tokenizers.llama2 import Llama2Tokenizer, llama2_tokenizer
 from tunelite.tokenizers.llama3 import (
     LLAMA3_PATTERN,
@@ -13,10 +17,14 @@ from tunelite.tokenizers.llama3 import (
 from tunelite.tokenizers.messages import Message, messages_from_dicts, truncate
 
 __all__ = [
+    "ChatTemplate",
+    "HFTokenizer",
     "LLAMA3_PATTERN",
     "Llama2Tokenizer",
     "Llama3Tokenizer",
     "Message",
+    "auto_tokenizer",
+    "hf_tokenizer",
     "llama2_tokenizer",
     "llama3_special_tokens",
     "llama3_tokenizer",

@@ -188,6 +188,11 @@ class Llama3Tokenizer:
         `<|end_of_text|>` (torchtune's behaviour): ending the list with an empty assistant
         message then yields the prompt for generation, ending in the assistant header.
         Longer results are cut to `max_seq_len` (see `truncate`).
+
+        This is Meta's layout, not a Hugging Face folder's chat template: Llama 3.1 Instruct's
+        template (`hf_tokenizer`) always writes a system block beginning "Cutting Knowledge Date:
+        December 2023\nToday Date: 26 Jul 2024\n\n", writes no final `<|end_of_text|>` and trains
+        no assistant header (tests/test_chat_templates.py pins exactly these differences).
         """
         if not messages:
             raise DataError("tokenize_messages got an empty list of messages")

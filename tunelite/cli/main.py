@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tunelite.cli import cp, estimate, export, generate, ls, merge, run, serve, upload, validate
+from tunelite.cli import cp, download, estimate, export, generate, ls, merge, run, serve, upload, validate
 from tunelite.errors import TuneliteError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `tunelite` parser with one subparser per subcommand module."""
     parser = argparse.ArgumentParser(prog="tunelite", description="Fine-tune Llama models with native PyTorch recipes.")
     subcommands = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="COMMAND")
-    for module in (ls, cp, run, validate, generate, estimate, merge, serve, upload, export):
+    for module in (ls, cp, run, validate, generate, estimate, download, merge, serve, upload, export):
         module.add_parser(subcommands)
     return parser
 

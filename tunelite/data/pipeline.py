@@ -21,7 +21,7 @@ from tunelite.tokenizers.messages import Message, messages_from_dicts, truncate
 
 
 class DataTokenizer(Protocol):
-    """What the builders use of a tokenizer; both Llama tokenizers have it."""
+    """What the builders use of a tokenizer; hf_tokenizer and both Llama tokenizers have it."""
 
     eos_id: int
     pad_id: int

@@ -141,6 +141,17 @@ def test_template_file_order_and_override(tmp_path, qwen_folder):
     assert tokenizer.decode(ids, skip_special_tokens=False) == "[user]Hello<|im_end|>[assistant]Hi<|im_end|>"
 
 
+def test_generation_tags_of_training_templates_render_their_body(tmp_path, qwen_folder):
+    tagged = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    folder = write_tokenizer_folder(tmp_path, QWEN_SPECIAL, {"eos_token": "<|im_end|>", "chat_template": tagged})
+    chat = [Message("user", "Hello"), Message("assistant", "Hi")]
+    assert hf_tokenizer(str(folder)).tokenize_messages(chat) == hf_tokenizer(str(qwen_folder)).tokenize_messages(chat)
+
+
 def test_named_templates_use_the_default_one(tmp_path, qwen_folder):
     folder = write_tokenizer_folder(
         tmp_path, QWEN_SPECIAL, {"eos_token": "<|im_end|>",

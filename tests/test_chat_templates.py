@@ -170,7 +170,8 @@ def test_generation_prompt_equals_transformers_and_continues_a_partial_reply(fam
     assert prompt == reference.apply_chat_template(dicts, tokenize=True, add_generation_prompt=True, return_dict=False)
     started, mask = tokenizer.tokenize_messages([*messages_from_dicts(dicts), Message("assistant", "Paris")],
                                                 add_end_tokens=False)
-    assert tokenizer.decode(started, skip_special_tokens=False) == tokenizer.decode(prompt, skip_special_tokens=False) + "Paris"
+    decoded = tokenizer.decode(started, skip_special_tokens=False)
+    assert decoded == tokenizer.decode(prompt, skip_special_tokens=False) + "Paris"
     assert _trained_runs(tokenizer, started, mask) == ["Paris"]
 
 

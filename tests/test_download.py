@@ -69,7 +69,8 @@ def test_downloads_only_weights_config_and_tokenizer_and_records_the_commit(tmp_
                                                              "revision": COMMIT}
     plan, fetch = fake_hub.calls
     assert plan["dry_run"] and plan["revision"] is None
-    assert (fetch["revision"], fetch["local_dir"], fetch["token"]) == (COMMIT, out, SECRET)  # pinned to what was planned
+    # The download is pinned to the commit the plan resolved.
+    assert (fetch["revision"], fetch["local_dir"], fetch["token"]) == (COMMIT, out, SECRET)
     printed = capsys.readouterr()
     assert COMMIT in printed.out and SECRET not in printed.out + printed.err
 
@@ -157,4 +158,12 @@ def test_registering_the_command_does_not_import_huggingface_hub() -> None:
 
     code = ("import argparse, sys; from tunelite.cli import download; "
             "download.add_parser(argparse.ArgumentParser().add_subparsers()); print('huggingface_hub' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_download_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["download", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: tunelite download" in capsys.readouterr().out

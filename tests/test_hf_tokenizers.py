@@ -26,7 +26,8 @@ from tunelite.tokenizers import (
 )
 
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -84,7 +85,8 @@ def test_special_token_strings_in_plain_text_stay_text(qwen_folder):
 def test_decode_drops_special_tokens_unless_asked(qwen_folder):
     tokenizer = hf_tokenizer(str(qwen_folder))
     ids, _ = tokenizer.tokenize_messages([Message("user", "Hello"), Message("assistant", "I am fine")])
-    assert tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nI am fine<|im_end|>\n"
+    rendered = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nI am fine<|im_end|>\n"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == rendered
     assert "<|im_start|>" not in tokenizer.decode(ids)
 
 
@@ -96,7 +98,8 @@ def test_chat_dataset_with_a_folder_tokenizer_trains_only_the_replies(tmp_path, 
     source = tmp_path / "chat.jsonl"
     source.write_text(json.dumps({"messages": chat}) + "\n")
     sample = chat_dataset(tokenizer, str(source))[0]
-    trained = tokenizer.decode([label for label in sample["labels"] if label != IGNORE_INDEX], skip_special_tokens=False)
+    labels = [label for label in sample["labels"] if label != IGNORE_INDEX]
+    trained = tokenizer.decode(labels, skip_special_tokens=False)
     assert trained == "I am fine<|im_end|>\nThank you<|im_end|>\n"
 
 
@@ -153,11 +156,10 @@ def test_generation_tags_of_training_templates_render_their_body(tmp_path, qwen_
 
 
 def test_named_templates_use_the_default_one(tmp_path, qwen_folder):
-    folder = write_tokenizer_folder(
-        tmp_path, QWEN_SPECIAL, {"eos_token": "<|im_end|>",
-                                 "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]})
-    ids, _ = hf_tokenizer(str(folder)).tokenize_messages([Message("user", "Hello"), Message("assistant", "Hi")])
-    assert ids == hf_tokenizer(str(qwen_folder)).tokenize_messages([Message("user", "Hello"), Message("assistant", "Hi")])[0]
+    named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]
+    folder = write_tokenizer_folder(tmp_path, QWEN_SPECIAL, {"eos_token": "<|im_end|>", "chat_template": named})
+    chat = [Message("user", "Hello"), Message("assistant", "Hi")]
+    assert hf_tokenizer(str(folder)).tokenize_messages(chat) == hf_tokenizer(str(qwen_folder)).tokenize_messages(chat)
 
 
 # --- auto_tokenizer ------------------------------------------------------------------------------
@@ -170,8 +172,9 @@ def test_auto_tokenizer_prefers_tokenizer_json_and_reads_metas_files_otherwise(t
     (meta / "original" / "tokenizer.model").write_bytes(Path(asset_path("tiny/tokenizer.model")).read_bytes())
     assert isinstance(auto_tokenizer(str(meta), max_seq_len=32), Llama3Tokenizer)
     (tmp_path / "corpus.txt").write_text(CORPUS.replace(". ", ".\n") * 3)
-    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
-                                             vocab_size=120, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=120, minloglevel=2
+    )
     assert isinstance(auto_tokenizer(str(tmp_path / "tokenizer.model")), Llama2Tokenizer)
 
 
@@ -213,7 +216,8 @@ def test_bad_folders_are_refused_with_the_file_and_the_fix(tmp_path, qwen_folder
     base = hf_tokenizer(folder_with({"eos_token": "<|im_end|>"}))
     with pytest.raises(ConfigError, match="has no chat template .*tokenizer.chat_template="):
         base.tokenize_messages([Message("user", "Hello")])
-    refusing = hf_tokenizer(folder_with({"eos_token": "<|im_end|>", "chat_template": "{{ raise_exception('no system') }}"}))
+    refusing = hf_tokenizer(folder_with({"eos_token": "<|im_end|>",
+                                         "chat_template": "{{ raise_exception('no system') }}"}))
     with pytest.raises(DataError, match="refused the conversation: no system"):
         refusing.tokenize_messages([Message("user", "Hello")])
 

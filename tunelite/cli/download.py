@@ -104,11 +104,13 @@ def _explained(err: Exception, repo_id: str, revision: str | None, token: str | 
                              "(if it is gated or private, pass --token or set HF_TOKEN)")
     if isinstance(err, errors.RevisionNotFoundError):
         return TuneliteError(f"{repo_id} has no revision {revision!r}")
-    if isinstance(err, errors.HfHubHTTPError) or (isinstance(err, OSError) and not isinstance(err, errors.LocalEntryNotFoundError)):
+    unreachable = isinstance(err, errors.LocalEntryNotFoundError)  # what a dry run or download says offline
+    if isinstance(err, errors.HfHubHTTPError) or (isinstance(err, OSError) and not unreachable):
         return TuneliteError(f"downloading {repo_id} failed: {_without_secrets(str(err), token)}")
     return TuneliteError(
         f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to download {repo_id} "
-        f"({type(err).__name__}: {_without_secrets(str(err), token)}): check the network, HF_ENDPOINT and HF_HUB_OFFLINE"
+        f"({type(err).__name__}: {_without_secrets(str(err), token)}): "
+        "check the network, HF_ENDPOINT and HF_HUB_OFFLINE"
     )
 
 

@@ -47,7 +47,9 @@ def _token_content(value: Any, key: str, source: Path) -> str | None:
 class HFTokenizer:
     """A model folder's tokenizer.json, special tokens and chat template, with loss masks per turn."""
 
-    def __init__(self, path: str | Path, max_seq_len: int | None = None, chat_template: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, max_seq_len: int | None = None, chat_template: str | Path | None = None
+    ) -> None:
         file = locate_tokenizer_json(path, "hf_tokenizer")
         folder = file.parent
         try:

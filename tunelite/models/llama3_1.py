@@ -1,7 +1,7 @@
 """Llama 3.1 sizes (HF config.json of meta-llama/Llama-3.1-*), plus the tiny CPU demo model."""
 
-from tunelite.models.builders import base_builder, lora_builder
-from tunelite.models.llama import ModelArgs, RopeScaling
+from tunelite.models.builders import builders
+from tunelite.models.decoder import ModelArgs, RopeScaling
 
 _ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
@@ -21,12 +21,6 @@ LLAMA3_1_TINY = ModelArgs(
     rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256),
 )
 
-llama3_1_8b = base_builder(LLAMA3_1_8B, "llama3_1_8b")
-lora_llama3_1_8b = lora_builder(LLAMA3_1_8B, "lora_llama3_1_8b")
-qlora_llama3_1_8b = lora_builder(LLAMA3_1_8B, "qlora_llama3_1_8b", quantize_base=True)
-llama3_1_70b = base_builder(LLAMA3_1_70B, "llama3_1_70b")
-lora_llama3_1_70b = lora_builder(LLAMA3_1_70B, "lora_llama3_1_70b")
-qlora_llama3_1_70b = lora_builder(LLAMA3_1_70B, "qlora_llama3_1_70b", quantize_base=True)
-llama3_1_tiny = base_builder(LLAMA3_1_TINY, "llama3_1_tiny")
-lora_llama3_1_tiny = lora_builder(LLAMA3_1_TINY, "lora_llama3_1_tiny")
-qlora_llama3_1_tiny = lora_builder(LLAMA3_1_TINY, "qlora_llama3_1_tiny", quantize_base=True)
+llama3_1_8b, lora_llama3_1_8b, qlora_llama3_1_8b = builders(LLAMA3_1_8B, "llama3_1_8b")
+llama3_1_70b, lora_llama3_1_70b, qlora_llama3_1_70b = builders(LLAMA3_1_70B, "llama3_1_70b")
+llama3_1_tiny, lora_llama3_1_tiny, qlora_llama3_1_tiny = builders(LLAMA3_1_TINY, "llama3_1_tiny")

@@ -4,8 +4,8 @@ Both tie the output projection to the embedding and stretch RoPE 32-fold from an
 pre-training window; only the sizes below tell them from Llama 3.1.
 """
 
-from tunelite.models.builders import base_builder, lora_builder
-from tunelite.models.llama import ModelArgs, RopeScaling
+from tunelite.models.builders import builders
+from tunelite.models.decoder import ModelArgs, RopeScaling
 
 _ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
@@ -20,7 +20,5 @@ LLAMA3_2_3B = ModelArgs(
     tie_word_embeddings=True, head_dim=128,
 )
 
-llama3_2_1b = base_builder(LLAMA3_2_1B, "llama3_2_1b")
-lora_llama3_2_1b = lora_builder(LLAMA3_2_1B, "lora_llama3_2_1b")
-llama3_2_3b = base_builder(LLAMA3_2_3B, "llama3_2_3b")
-lora_llama3_2_3b = lora_builder(LLAMA3_2_3B, "lora_llama3_2_3b")
+llama3_2_1b, lora_llama3_2_1b, qlora_llama3_2_1b = builders(LLAMA3_2_1B, "llama3_2_1b")
+llama3_2_3b, lora_llama3_2_3b, qlora_llama3_2_3b = builders(LLAMA3_2_3B, "llama3_2_3b")

@@ -88,15 +88,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_t: tor
 
 
 class FrozenFP8Linear(torch.nn.Module):
-    """A bias-free, never-trained linear layer whose weight is kept in FP8 (see quantize_weight):
-    the projections an FP8-base LoRA model leaves without an adapter. Built on the meta device;
-    the loader fills it with the checkpoint's weight, quantized."""
+    """A never-trained linear layer whose weight is kept in FP8 (see quantize_weight), its bias (Qwen
+    2.5's q/k/v, GPT-2's) in the model's dtype: the projections an FP8-base LoRA model leaves without
+    an adapter. Built on the meta device; the loader fills it with the checkpoint's weight, quantized."""
 
     fp8_base = True
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(out_dim, in_dim, dtype=FP8), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(out_dim), requires_grad=False) if bias else None
         self.register_buffer(SCALE, torch.empty(out_dim))
         self.register_buffer(TRANSPOSED, torch.empty(in_dim, out_dim, dtype=FP8))
         self.register_buffer(TRANSPOSED_SCALE, torch.empty(in_dim))
@@ -107,4 +108,5 @@ class FrozenFP8Linear(torch.nn.Module):
                 setattr(self, name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale)
+        out = fp8_linear(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale)
+        return out if self.bias is None else out + self.bias

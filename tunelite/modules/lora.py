@@ -1,8 +1,8 @@
 """Low-rank adapters: a frozen base weight plus a trainable B @ A, merged away at save time.
 
-`LoRALinear` keeps `nn.Linear`'s parameter name `weight` for the base, so a base checkpoint
-loads into a LoRA model with no key remapping; the adapters are the extra parameters
-`lora_a` (rank x in) and `lora_b` (out x rank).
+`LoRALinear` keeps `nn.Linear`'s parameter names `weight` (and `bias`, where the base has one)
+for the base, so a base checkpoint loads into a LoRA model with no key remapping; the adapters
+are the extra parameters `lora_a` (rank x in) and `lora_b` (out x rank).
 """
 
 import contextlib
@@ -20,12 +20,12 @@ ADAPTER_SUFFIXES = ("lora_a", "lora_b")
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with B zero at init so a fresh adapter
-    leaves the model's outputs unchanged."""
+    """y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T, with B zero at init so a fresh adapter
+    leaves the model's outputs unchanged. The bias (Qwen's q/k/v, GPT-2's) is frozen with W."""
 
     def __init__(
         self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0, quantize_base: bool = False,
-        fp8_base: bool = False,
+        fp8_base: bool = False, bias: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
@@ -39,6 +39,7 @@ class LoRALinear(nn.Module):
             self.register_buffer(fp8.SCALE, torch.empty(out_dim))
             self.register_buffer(fp8.TRANSPOSED, torch.empty(in_dim, out_dim, dtype=fp8.FP8))
             self.register_buffer(fp8.TRANSPOSED_SCALE, torch.empty(in_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim), requires_grad=False) if bias else None
         self.lora_a = nn.Parameter(torch.empty(rank, in_dim))
         self.lora_b = nn.Parameter(torch.empty(out_dim, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -62,10 +63,11 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T through the frozen base weight, however it is stored (bf16, NF4 or FP8)."""
+        """x W^T (+ b) through the frozen base weight, however it is stored (bf16, NF4 or FP8)."""
         if self.fp8_base:
-            return fp8.fp8_linear(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale)
-        return frozen_linear(x, self.weight, self.keep_dequantized)
+            out = fp8.fp8_linear(x, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale)
+            return out if self.bias is None else out + self.bias
+        return frozen_linear(x, self.weight, self.keep_dequantized, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:

@@ -114,12 +114,15 @@ class _FrozenNF4Linear(torch.autograd.Function):
         return (grad @ weight.to(grad.dtype), None, *[None] * 9)
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, keep_dequantized: bool = False) -> torch.Tensor:
-    """x @ W^T for a frozen W that may be NF4: dequantized on the fly in one pass, gradient to x only;
-    `keep_dequantized` (layers under activation checkpointing): see _FrozenNF4Linear."""
+def frozen_linear(
+    x: torch.Tensor, weight: torch.Tensor, keep_dequantized: bool = False, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ W^T (+ b) for a frozen W that may be NF4: dequantized on the fly in one pass, gradient to x
+    only; `keep_dequantized` (layers under activation checkpointing): see _FrozenNF4Linear."""
     if not isinstance(weight, NF4Tensor):
-        return F.linear(x, weight)
-    return _FrozenNF4Linear.apply(x, keep_dequantized, *_pieces(weight))
+        return F.linear(x, weight, bias)
+    out = _FrozenNF4Linear.apply(x, keep_dequantized, *_pieces(weight))
+    return out if bias is None else out + bias
 
 
 def keep_dequantized_weights(module: nn.Module, keep: bool) -> None:
@@ -137,7 +140,8 @@ def dequantize(t: torch.Tensor) -> torch.Tensor:
 
 
 class FrozenNF4Linear(nn.Module):
-    """A bias-free linear layer whose weight is stored in NF4 and never trained.
+    """A linear layer whose weight is stored in NF4 and never trained (its bias, if any, in the
+    model's dtype).
 
     Built with a plain weight (on the meta device when loading); the loader quantizes the
     checkpoint tensor as it assigns it, one layer at a time."""
@@ -145,12 +149,13 @@ class FrozenNF4Linear(nn.Module):
     quantize_base = True
     keep_dequantized = False  # see keep_dequantized_weights
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_dim), requires_grad=False) if bias else None
         if not self.weight.is_meta:
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
             self.weight = nn.Parameter(quantize_nf4(self.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(x, self.weight, self.keep_dequantized)
+        return frozen_linear(x, self.weight, self.keep_dequantized, self.bias)

@@ -1,15 +1,17 @@
-"""Hugging Face Llama checkpoints <-> our module names, through safetensors only.
+"""Hugging Face checkpoints <-> our module names, through safetensors only.
 
-One name table serves every Llama family: they share HF's `LlamaForCausalLM` layout, and
-tied models (Llama 3.2) simply have no `lm_head.weight`. Files are read memory-mapped, so
-loading never holds two copies of the weights, and written back sharded like the input so
+One state-dict adapter per checkpoint layout (as torchtitan has one per model), chosen by the
+folder's `model_type`: Llama, SmolLM2, Mistral and Qwen 2.5 share transformers' Llama names,
+Qwen 3 adds its q/k norms, Phi-3 its fused projections, Gemma 2 its four norms a layer, and
+GPT-2 has names (and Conv1D weights stored transposed) of its own. Files are read memory-mapped,
+so loading never holds two copies of the weights, and written back sharded like the input so
 `from_pretrained` and vLLM see the folder they were given.
 """
 
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,12 +19,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tunelite.errors import CheckpointError
-from tunelite.models.llama import ModelArgs, RopeScaling
+from tunelite.models.decoder import ModelArgs
+from tunelite.models.hf_config import (
+    SUPPORTED_MODEL_TYPES,
+    hf_config_from_model_args,
+    model_args_from_hf_config,
+    model_type_of,
+    read_hf_config,
+)
+
+# The config.json readers and writer of tunelite.models.hf_config are re-exported for code that
+# imported them from here.
+__all__ = ["ADAPTERS", "HFCheckpointer", "StateDictAdapter", "check_model_matches", "folder_layout",
+           "hf_config_from_model_args", "load_hf_state_dict", "model_args_from_hf_config", "read_hf_config",
+           "read_safetensors", "save_hf_state_dict", "weight_files"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files a model folder carries beside its weights, copied into exported folders so the export
-# loads with the same tokenizer and generation settings.
+# loads with the same tokenizer, chat template and generation settings.
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -33,128 +48,142 @@ SIDE_FILES = (
     "chat_template.jinja",
     "original/tokenizer.model",  # Meta's tiktoken file, which tunelite's Llama 3 tokenizer reads
 )
+# Buffers some exports carry (rotary frequencies, GPT-2's causal mask); they are recomputed, not loaded.
+_IGNORED_HF_KEYS = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
-_GLOBAL = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
+
+@dataclass(frozen=True)
+class StateDictAdapter:
+    """HF module names <-> ours for one checkpoint layout; parameters keep their suffix (weight, bias).
+
+    `modules` maps global HF modules to ours; `layer_modules` those inside `layer_prefix`.N.
+    `transposed` names our modules whose HF weight is stored (in, out), as GPT-2's Conv1D does.
+    `optional_root` is a prefix old exports may leave out (GPT-2's `transformer.`)."""
+
+    modules: dict[str, str]
+    layer_prefix: str
+    layer_modules: dict[str, str]
+    transposed: frozenset[str] = frozenset()
+    optional_root: str = ""
+    _back: dict[str, str] = field(init=False, repr=False, compare=False)
+    _layer_back: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_back", {v: k for k, v in self.modules.items()})
+        object.__setattr__(self, "_layer_back", {v: k for k, v in self.layer_modules.items()})
+
+    def our_module(self, hf_module: str) -> str | None:
+        """Our name of an HF module (`model.layers.3.self_attn.q_proj` -> `layers.3.attn.q_proj`)."""
+        if self.optional_root and not hf_module.startswith(self.optional_root):
+            hf_module = self.optional_root + hf_module
+        if hf_module in self.modules:
+            return self.modules[hf_module]
+        m = re.fullmatch(re.escape(self.layer_prefix) + r"\.(\d+)\.(.+)", hf_module)
+        if m and m.group(2) in self.layer_modules:
+            return f"layers.{m.group(1)}.{self.layer_modules[m.group(2)]}"
+        return None
+
+    def hf_module(self, our_module: str) -> str:
+        if our_module in self._back:
+            return self._back[our_module]
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", our_module)
+        if m and m.group(2) in self._layer_back:
+            return f"{self.layer_prefix}.{m.group(1)}.{self._layer_back[m.group(2)]}"
+        raise KeyError(f"no Hugging Face name for {our_module!r}")
+
+    def to_ours(self, hf_key: str) -> str | None:
+        module, _, param = hf_key.rpartition(".")
+        ours = self.our_module(module)
+        return None if ours is None else f"{ours}.{param}"
+
+    def to_hf(self, our_key: str) -> str:
+        module, _, param = our_key.rpartition(".")
+        return f"{self.hf_module(module)}.{param}"
+
+    def is_transposed(self, our_key: str) -> bool:
+        """Whether the HF tensor of this weight is stored (in, out): moved across with a transpose."""
+        module, _, param = our_key.rpartition(".")
+        return param == "weight" and re.sub(r"^layers\.\d+\.", "", module) in self.transposed
+
+    def target_name(self, our_module: str) -> str:
+        """peft's `target_modules` entry for one of our per-layer modules (or `output`): the HF
+        module's last name, or, where another module of the layer shares it (GPT-2's two c_proj),
+        its path within the layer, which peft matches as a suffix."""
+        relative = self._layer_back.get(our_module) or self._back[our_module]
+        short = relative.rsplit(".", 1)[-1]
+        clashes = [k for k in self.layer_modules if k.rsplit(".", 1)[-1] == short and k != relative]
+        return relative if clashes else short
+
+    def targeted_by(self, target: str) -> list[str]:
+        """Our per-layer modules (or `output`) a peft `target_modules` entry adapts: those whose HF
+        name is the entry or ends with `.entry`, as peft matches them."""
+        named = {**{k: v for k, v in self.layer_modules.items()}, **{"lm_head": "output"}}
+        return [ours for theirs, ours in named.items() if theirs == target or theirs.endswith("." + target)]
+
+
+_LLAMA_GLOBALS = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+_SPLIT_ATTENTION = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
+                    "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.output_proj"}
+_SPLIT_MLP = {"mlp.gate_proj": "mlp.w1", "mlp.down_proj": "mlp.w2", "mlp.up_proj": "mlp.w3"}
+_LLAMA_NORMS = {"input_layernorm": "sa_norm", "post_attention_layernorm": "mlp_norm"}
+
+LLAMA_LAYOUT = StateDictAdapter(_LLAMA_GLOBALS, "model.layers", _SPLIT_ATTENTION | _SPLIT_MLP | _LLAMA_NORMS)
+QWEN3_LAYOUT = StateDictAdapter(_LLAMA_GLOBALS, "model.layers", _SPLIT_ATTENTION | _SPLIT_MLP | _LLAMA_NORMS | {
+    "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"})
+PHI3_LAYOUT = StateDictAdapter(_LLAMA_GLOBALS, "model.layers", _LLAMA_NORMS | {
+    "self_attn.qkv_proj": "attn.qkv_proj", "self_attn.o_proj": "attn.output_proj",
+    "mlp.gate_up_proj": "mlp.w13", "mlp.down_proj": "mlp.w2"})
+# Gemma 2's `post_attention_layernorm` norms the attention output; its pre-MLP norm has its own name.
+GEMMA2_LAYOUT = StateDictAdapter(_LLAMA_GLOBALS, "model.layers", _SPLIT_ATTENTION | _SPLIT_MLP | {
+    "input_layernorm": "sa_norm", "post_attention_layernorm": "sa_post_norm",
+    "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_post_norm"})
+GPT2_LAYOUT = StateDictAdapter(
+    {"transformer.wte": "tok_embeddings", "transformer.wpe": "pos_embeddings", "transformer.ln_f": "norm",
+     "lm_head": "output"},
+    "transformer.h",
+    {"ln_1": "sa_norm", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.output_proj", "ln_2": "mlp_norm",
+     "mlp.c_fc": "mlp.w1", "mlp.c_proj": "mlp.w2"},
+    transposed=frozenset({"attn.qkv_proj", "attn.output_proj", "mlp.w1", "mlp.w2"}),
+    optional_root="transformer.",
+)
+
+ADAPTERS: dict[str, StateDictAdapter] = {
+    "llama": LLAMA_LAYOUT,
+    "mistral": LLAMA_LAYOUT,
+    "qwen2": LLAMA_LAYOUT,
+    "qwen3": QWEN3_LAYOUT,
+    "phi3": PHI3_LAYOUT,
+    "gemma2": GEMMA2_LAYOUT,
+    "gpt2": GPT2_LAYOUT,
 }
-_PER_LAYER = {
-    "self_attn.q_proj": "attn.q_proj",
-    "self_attn.k_proj": "attn.k_proj",
-    "self_attn.v_proj": "attn.v_proj",
-    "self_attn.o_proj": "attn.output_proj",
-    "mlp.gate_proj": "mlp.w1",
-    "mlp.down_proj": "mlp.w2",
-    "mlp.up_proj": "mlp.w3",
-    "input_layernorm": "sa_norm",
-    "post_attention_layernorm": "mlp_norm",
-}
-_PER_LAYER_BACK = {v: k for k, v in _PER_LAYER.items()}
-_GLOBAL_BACK = {v: k for k, v in _GLOBAL.items()}
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight)$")
-_OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.(weight)$")
-# Buffers some older exports carry; they are recomputed, not loaded.
-_IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+assert set(ADAPTERS) == set(SUPPORTED_MODEL_TYPES), "every family config.json reads needs a checkpoint layout"
 
 
-def hf_to_ours(key: str) -> str | None:
-    if key in _GLOBAL:
-        return _GLOBAL[key]
-    m = _HF_LAYER.match(key)
-    if m and m.group(2) in _PER_LAYER:
-        return f"layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.weight"
-    return None
-
-
-def ours_to_hf(key: str) -> str:
-    """HF name of one of our keys; `..._proj.lora_a` keeps its suffix for the peft writer to map."""
-    if key in _GLOBAL_BACK:
-        return _GLOBAL_BACK[key]
-    m = _OUR_LAYER.match(key)
-    if m and m.group(2) in _PER_LAYER_BACK:
-        return f"model.layers.{m.group(1)}.{_PER_LAYER_BACK[m.group(2)]}.weight"
-    raise KeyError(f"no Hugging Face name for {key!r}")
-
-
-def read_hf_config(checkpoint_dir: Path) -> dict:
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} not found: checkpoint_dir must be a Hugging Face model folder (config.json and "
-            "*.safetensors), e.g. what `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct` writes"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from e
-
-
-def model_args_from_hf_config(hf: dict) -> ModelArgs:
-    """Our sizes for an HF `config.json`, to check a checkpoint against the model a config builds."""
-    scaling = hf.get("rope_scaling") or None
-    rope = None
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        rope = RopeScaling(
-            factor=scaling["factor"],
-            low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_position_embeddings=scaling["original_max_position_embeddings"],
-        )
-    return ModelArgs(
-        vocab_size=hf["vocab_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        embed_dim=hf["hidden_size"],
-        intermediate_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_base=hf.get("rope_theta", 10_000.0),
-        rope_scaling=rope,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        head_dim=hf.get("head_dim"),
-    )
-
-
-def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The `config.json` transformers reads for a model of these sizes (Llama 3 special-token ids)."""
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.embed_dim,
-        "intermediate_size": args.intermediate_dim,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
-        "num_key_value_heads": args.num_kv_heads,
-        "head_dim": args.resolved_head_dim,
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_base,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if args.rope_scaling is not None:
-        config["rope_scaling"] = {"rope_type": "llama3", **asdict(args.rope_scaling)}
-    return config
+def folder_layout(folder: Path) -> StateDictAdapter:
+    """The checkpoint layout of an HF folder, by its config.json's `model_type`."""
+    return ADAPTERS[model_type_of(read_hf_config(folder), str(Path(folder) / "config.json"))]
 
 
 def check_model_matches(args: ModelArgs, checkpoint_dir: Path) -> None:
-    """Names every size that differs, so a wrong `model:` builder fails before any weight is read."""
-    theirs = model_args_from_hf_config(read_hf_config(checkpoint_dir))
-    fields = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim",
-              "tie_word_embeddings", "rope_base", "rope_scaling")
-    diffs = [f"{f}: model {getattr(args, f)} vs checkpoint {getattr(theirs, f)}"
-             for f in fields if getattr(args, f) != getattr(theirs, f)]
-    if args.resolved_head_dim != theirs.resolved_head_dim:
-        diffs.append(f"head_dim: model {args.resolved_head_dim} vs checkpoint {theirs.resolved_head_dim}")
+    """Names the family, or every size and trait, that differs, so a wrong `model:` builder fails
+    before any weight is read. The window (`max_seq_len`) may differ where positions are rotary:
+    base and instruct releases state different ones for the same weights."""
+    path = Path(checkpoint_dir) / "config.json"
+    hf = read_hf_config(checkpoint_dir)
+    if model_type_of(hf, str(path)) != args.model_type:
+        raise CheckpointError(
+            f"the model built from `model._component_` is a {args.model_type!r} model, but {path} holds a "
+            f"{hf.get('model_type')!r} one. Pick a builder of that family, or tunelite.models.from_checkpoint "
+            "to build whatever the folder holds."
+        )
+    theirs = model_args_from_hf_config(hf, str(path))
+    ours_, theirs_ = (replace(a, head_dim=a.resolved_head_dim) for a in (args, theirs))
+    skip = set() if args.learned_positions else {"max_seq_len"}
+    diffs = [f"{f.name}: model {getattr(ours_, f.name)} vs checkpoint {getattr(theirs_, f.name)}"
+             for f in fields(ModelArgs) if f.name not in skip and getattr(ours_, f.name) != getattr(theirs_, f.name)]
     if diffs:
         raise CheckpointError(
-            f"the model built from `model._component_` does not match {Path(checkpoint_dir) / 'config.json'}: "
+            f"the model built from `model._component_` does not match {path}: "
             + "; ".join(diffs) + ". Pick the builder for this checkpoint's family and size."
         )
 
@@ -195,29 +224,35 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state_dict(checkpoint_dir: Path, checkpoint_files: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """All weights of an HF Llama folder, memory-mapped, under our names."""
+    """All weights of an HF folder, memory-mapped, under our names (the layout from its config.json)."""
+    files = weight_files(checkpoint_dir, checkpoint_files)
+    adapter = folder_layout(checkpoint_dir)
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(checkpoint_dir, checkpoint_files):
+    for path in files:
         for key, value in read_safetensors(path).items():
-            ours = hf_to_ours(key)
+            ours = adapter.to_ours(key)
             if ours is None:
                 if _IGNORED_HF_KEYS.match(key):
                     continue
-                raise CheckpointError(f"{path}: tensor {key!r} is not part of a Llama model")
-            state[ours] = value
+                raise CheckpointError(f"{path}: tensor {key!r} is not part of a model of this folder's model_type")
+            state[ours] = value.t().contiguous() if adapter.is_transposed(ours) else value
     return state
 
 
 def save_hf_state_dict(
-    state_dict: dict[str, torch.Tensor], out_dir: Path, source_dir: Path | None, dtype: torch.dtype | None = None
+    state_dict: dict[str, torch.Tensor], out_dir: Path, source_dir: Path | None, dtype: torch.dtype | None = None,
+    model_type: str | None = None,
 ) -> None:
     """Writes our weights under HF names, sharded like `source_dir`, with its config and tokenizer
-    files (one `model.safetensors` when there is no source folder).
+    files (one `model.safetensors` when there is no source folder). The names are those of
+    `model_type`'s layout, by default of the source folder's config.json.
 
     `out_dir` must be fresh (callers write into an `atomic_folder`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_state = {ours_to_hf(k): v for k, v in state_dict.items()}
+    assert source_dir is not None or model_type is not None, "a layout comes from model_type or source_dir"
+    adapter = ADAPTERS[model_type] if model_type is not None else folder_layout(source_dir)
+    hf_state = {adapter.to_hf(k): v.t() if adapter.is_transposed(k) else v for k, v in state_dict.items()}
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     index_path = Path(source_dir or out_dir) / INDEX_FILE

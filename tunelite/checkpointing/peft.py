@@ -1,8 +1,10 @@
 """Adapters in peft's on-disk layout, the format the ecosystem loads with `PeftModel.from_pretrained`.
 
 Our `layers.N.attn.q_proj.lora_a` becomes peft's
-`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, and `adapter_config.json`
-names the HF modules the adapters sit on.
+`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (through the checkpoint layout of
+the model's family), and `adapter_config.json` names the HF modules the adapters sit on: `q_proj`,
+`qkv_proj` for Phi-3, `c_attn` for GPT-2. An adapter on a fused projection is one LoRA on the
+fused module, as peft puts it on transformers' model.
 """
 
 import json
@@ -12,31 +14,26 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelite.checkpointing.hf import read_safetensors, hf_to_ours, ours_to_hf
+from tunelite.checkpointing.hf import ADAPTERS, StateDictAdapter, read_safetensors
 from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
-from tunelite.models.llama import LoRAArgs
+from tunelite.models.decoder import LoRAArgs, ModelArgs, attention_projections, mlp_projections
 from tunelite.modules.lora import LoRALinear, adapter_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 _SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-# peft's `target_modules` (HF module names) -> where tunelite puts adapters.
-_ATTN_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
-_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-_OUTPUT_TARGET = "lm_head"
 # What `tunelite download` writes into a folder it fetched: {"repo_id": ..., "revision": ...}.
 SOURCE_RECORD = "tunelite_source.json"
 
 
-def peft_key(our_key: str) -> str:
+def peft_key(our_key: str, layout: StateDictAdapter) -> str:
     module, suffix = our_key.rsplit(".", 1)
-    hf_module = ours_to_hf(module + ".weight")[: -len(".weight")]
-    return _PEFT_PREFIX + hf_module + "." + _SUFFIX_TO_PEFT[suffix]
+    return _PEFT_PREFIX + layout.hf_module(module) + "." + _SUFFIX_TO_PEFT[suffix]
 
 
-def load_peft_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_peft_adapter(folder: Path, layout: StateDictAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     """A peft adapter folder as our adapter state dict and its adapter_config.json."""
     folder = Path(folder)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
@@ -50,10 +47,10 @@ def load_peft_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         suffix = lora_name + ".weight"
         if suffix not in back:
             raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA A or B matrix")
-        our_module = hf_to_ours(module + ".weight")
+        our_module = layout.our_module(module)
         if our_module is None:
             raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {key!r} sits on a module tunelite does not know")
-        ours[our_module.removesuffix("weight") + back[suffix]] = value
+        ours[our_module + "." + back[suffix]] = value
     return ours, read_adapter_config(folder)
 
 
@@ -68,9 +65,9 @@ def read_adapter_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
-def lora_args_from_adapter_config(folder: Path) -> LoRAArgs:
+def lora_args_from_adapter_config(folder: Path, args: ModelArgs) -> LoRAArgs:
     """The LoRA layout an adapter was trained with (rank, alpha, target modules), read from its
-    adapter_config.json, so the model to load it into is built without restating them."""
+    adapter_config.json, so the model of `args` to load it into is built without restating them."""
     path = Path(folder) / ADAPTER_CONFIG
     config = read_adapter_config(folder)
     targets = config.get("target_modules")
@@ -80,22 +77,26 @@ def lora_args_from_adapter_config(folder: Path) -> LoRAArgs:
     unsupported = [key for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(key)]
     if unsupported:
         raise CheckpointError(f"{path}: {', '.join(unsupported)} is set; tunelite loads plain LoRA adapters only")
-    known = {*_ATTN_TARGETS, *_MLP_TARGETS, _OUTPUT_TARGET}
-    unknown = sorted(set(targets) - known)
+    layout = ADAPTERS[args.model_type]
+    attention = [f"attn.{name}" for name in attention_projections(args)]
+    mlp = [f"mlp.{name}" for name in mlp_projections(args)]
+    linears = [*attention, *mlp, "output"]
+    adapted = {ours for target in targets for ours in layout.targeted_by(target) if ours in linears}
+    unknown = sorted(t for t in targets if not set(layout.targeted_by(t)) & set(linears))
     if unknown:
-        raise CheckpointError(f"{path}: target_modules {unknown} are not Llama projections; tunelite adapts "
-                              f"{sorted(known)}")
-    mlp = [name for name in _MLP_TARGETS if name in targets]
-    if mlp and len(mlp) != len(_MLP_TARGETS):
-        raise CheckpointError(f"{path}: adapters on {mlp} only; tunelite puts them on all of {list(_MLP_TARGETS)} "
-                              "or on none")
+        raise CheckpointError(f"{path}: target_modules {unknown} are not projections of a {args.model_type} model; "
+                              f"tunelite adapts {sorted(layout.target_name(m) for m in linears)}")
+    mlp_adapted = [m for m in mlp if m in adapted]
+    if mlp_adapted and len(mlp_adapted) != len(mlp):
+        raise CheckpointError(f"{path}: adapters on {[layout.target_name(m) for m in mlp_adapted]} only; tunelite "
+                              f"puts them on all of {[layout.target_name(m) for m in mlp]} or on none")
     if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
         raise CheckpointError(f"{path}: r and lora_alpha must be numbers, got r={config.get('r')!r}, "
                               f"lora_alpha={config.get('lora_alpha')!r}")
     return LoRAArgs(
-        lora_attn_modules=tuple(ours for theirs, ours in _ATTN_TARGETS.items() if theirs in targets),
-        apply_lora_to_mlp=bool(mlp),
-        apply_lora_to_output=_OUTPUT_TARGET in targets,
+        lora_attn_modules=tuple(m.removeprefix("attn.") for m in attention if m in adapted),
+        apply_lora_to_mlp=bool(mlp_adapted),
+        apply_lora_to_output="output" in adapted,
         lora_rank=config["r"],
         lora_alpha=float(config["lora_alpha"]),
     )
@@ -105,7 +106,7 @@ def load_adapter_into(model: nn.Module, folder: Path) -> None:
     """Copies a peft adapter folder's weights into the model's adapters, to continue training them.
 
     Refuses, naming the folder, when the adapter was made for other modules, rank or alpha."""
-    adapter, config = load_peft_adapter(folder)
+    adapter, config = load_peft_adapter(folder, ADAPTERS[model.args.model_type])
     modules = lora_modules(model)
     if not modules:
         raise CheckpointError(f"{folder} is a LoRA adapter, but the model has no adapters to load it into; "
@@ -141,9 +142,10 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str) -> dict:
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA adapters to export")
+    layout = ADAPTERS[model.args.model_type]
+    kinds = {name.split(".", 2)[-1] if name.startswith("layers.") else name for name in modules}
     first = next(iter(modules.values()))
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    targets = sorted({ours_to_hf(name + ".weight")[: -len(".weight")].rsplit(".", 1)[-1] for name in modules})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -151,9 +153,10 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str) -> dict:
         "r": first.rank,
         "lora_alpha": first.alpha,
         "lora_dropout": dropout,
-        "target_modules": targets,
+        "target_modules": sorted(layout.target_name(kind) for kind in kinds),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D stores (in, out): peft then transposes the merged update, not the A and B it saves.
+        "fan_in_fan_out": any(kind in layout.transposed for kind in kinds),
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -190,7 +193,8 @@ def save_peft_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = adapter_state_dict(model) if adapter is None else adapter
-    tensors = {peft_key(key): value.detach().cpu().contiguous() for key, value in adapter.items()}
+    layout = ADAPTERS[model.args.model_type]
+    tensors = {peft_key(key, layout): value.detach().cpu().contiguous() for key, value in adapter.items()}
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = peft_adapter_config(model, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

@@ -11,7 +11,7 @@ import torch
 from tunelite.errors import TuneliteError
 from tunelite.generation.loop import GenerationSettings, GenerationStats, generate
 from tunelite.generation.streaming import StopStrings, TextStream
-from tunelite.models.llama import TransformerDecoder
+from tunelite.models.decoder import TransformerDecoder
 from tunelite.tokenizers.messages import Message
 
 

@@ -10,7 +10,7 @@ from tunelite.checkpointing.hf import HFCheckpointer, model_args_from_hf_config,
 from tunelite.checkpointing.loading import load_checkpoint_into
 from tunelite.checkpointing.peft import load_adapter_into, lora_args_from_adapter_config
 from tunelite.config import instantiate
-from tunelite.models.llama import TransformerDecoder, llama, lora_llama
+from tunelite.models.decoder import TransformerDecoder, decoder, lora_decoder
 
 
 def load_generation_model(
@@ -26,8 +26,10 @@ def load_generation_model(
         if model_cfg is not None:
             model = instantiate(model_cfg)
         else:
-            args = model_args_from_hf_config(read_hf_config(Path(checkpointer.checkpoint_dir)))
-            model = lora_llama(args, lora_args_from_adapter_config(Path(adapter_dir))) if adapter_dir else llama(args)
+            folder = Path(checkpointer.checkpoint_dir)
+            args = model_args_from_hf_config(read_hf_config(folder), str(folder / "config.json"))
+            model = (lora_decoder(args, lora_args_from_adapter_config(Path(adapter_dir), args)) if adapter_dir
+                     else decoder(args))
     load_checkpoint_into(model, checkpointer, device, dtype)
     if adapter_dir:
         load_adapter_into(model, Path(adapter_dir))

@@ -14,7 +14,7 @@ import torch
 
 from tunelite.errors import ConfigError
 from tunelite.generation.sampling import sample_next_token
-from tunelite.models.llama import TransformerDecoder
+from tunelite.models.decoder import TransformerDecoder
 
 
 @dataclass(frozen=True)

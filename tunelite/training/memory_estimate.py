@@ -30,7 +30,7 @@ from tunelite.checkpointing.hf import check_model_matches
 from tunelite.checkpointing.loading import nf4_weight_names
 from tunelite.config import apply_overrides, instantiate, resolve_component
 from tunelite.errors import ConfigError
-from tunelite.models.llama import ModelArgs
+from tunelite.models.decoder import ModelArgs
 from tunelite.modules.lora import LoRALinear, is_adapter_key
 from tunelite.modules.nf4 import BLOCK_SIZE as NF4_BLOCK
 from tunelite.recipe_registry import RecipeDeclarations
@@ -172,28 +172,38 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> float:
     return numel / 2 + numel / NF4_BLOCK + numel / (NF4_BLOCK * NF4_SCALER_BLOCK) * dtype_bytes
 
 
-def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, adapters: list[LoRALinear]) -> float:
+def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, adapters: list[LoRALinear], seq_len: int) -> float:
     """What one layer's forward keeps for its backward, per token (besides the layer's input):
-    eager PyTorch with flash attention, whose memory is linear in the sequence length."""
+    eager PyTorch with flash attention, whose memory is linear in the sequence length, except
+    where the family's attention cannot use it (Gemma 2's capped scores: per head, each token
+    keeps a row of `seq_len` scores, probabilities in fp32 and in the weights' dtype)."""
     d, hd, inter = args.embed_dim, args.resolved_head_dim, args.intermediate_dim
+    q, kv = args.num_heads * hd, args.num_kv_heads * hd
+    capped = args.attn_softcap is not None
     kept = (
         d  # sa_norm output: input of q/k/v (and of their adapters)
-        + (args.num_heads + 2 * args.num_kv_heads) * hd  # q and k after RoPE, v: SDPA's inputs
-        + args.num_heads * hd  # attention output: SDPA's output and output_proj's input (one tensor)
+        + (q + 2 * (q if capped else kv))  # q and k after RoPE, v (k and v shared out to every head when capped)
+        + ((q + kv) if args.qk_norm else 0)  # q and k before their norms (Qwen 3)
+        + ((q + kv) if args.fused_qkv and not args.learned_positions else 0)  # qkv_proj's output, held by v's view
+        + q  # attention output: SDPA's output and output_proj's input (one tensor)
         + d  # residual stream after attention: mlp_norm's input
         + d  # mlp_norm output: input of w1 and w3
-        + 4 * inter  # w1 and w3 outputs, silu(w1 x), and their product (w2's input)
+        # gated: w1 and w3 outputs, act(w1 x), and their product (w2's input); plain: w1's output and act's
+        + (4 if args.gated_mlp else 2) * inter
+        + (2 * d if args.post_norms else 0)  # the attention and MLP outputs, inputs of Gemma's post-norms
         + sum(a.rank for a in adapters)  # x A^T, lora_b's input
     ) * dtype_bytes
-    fp32 = 4 * args.num_heads + 2 * 4  # SDPA's logsumexp per head, each norm's 1 / rms
+    fp32 = 4 * args.num_heads + 2 * 4 * (2 if args.post_norms else 1)  # SDPA's logsumexp per head, each norm's 1 / rms
+    scores = args.num_heads * seq_len * (2 * dtype_bytes + 4) + seq_len if capped else 0  # + the boolean mask
     dropout = sum(a.in_dim * (dtype_bytes + 1) for a in adapters if isinstance(a.dropout, torch.nn.Dropout))
-    return kept + fp32 + dropout
+    return kept + fp32 + scores + dropout
 
 
 def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
-    """Gradients alive beyond the saved activations, at the layer's peak (the SwiGLU product's
-    backward): the gradients of w3 x, silu(w1 x) and the product instead of the product itself,
-    plus the residual stream's gradient and its copy into the MLP branch."""
+    """Gradients alive beyond the saved activations, at the layer's peak (the MLP product's
+    backward): the gradients of w3 x, act(w1 x) and the product instead of the product itself,
+    plus the residual stream's gradient and its copy into the MLP branch. (A plain MLP, GPT-2's,
+    holds the gradients of act(w1 x) and of w1 x at its activation's backward: as many.)"""
     return (2 * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
@@ -211,11 +221,13 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
       optimizer    AdamW: 2 p per trained value (state in the parameter's dtype); torchao 8-bit
                    2 (1 + 4/256), 4-bit 2 (0.5 + 4/128); cpu_offload_optimizer: none
       activations  checkpointing: L T d p (each layer's input) + T saved + T extra (one layer
-                   recomputed, `saved_bytes_per_token`, `backward_extra_bytes_per_token`);
+                   recomputed, `saved_bytes_per_token`, `backward_extra_bytes_per_token`,
+                   which follow the family's layer: gated or plain MLP, q/k norms, fused qkv,
+                   Gemma's post-norms and capped attention scores, quadratic in seq);
                    without: L T (saved + d p) + T extra. At the loss: the saved part + 3 T d p
                    (final norm input and output, their gradient)
       logits/loss  12 bytes x (T / C) x V: one chunk's fp32 log-softmax, its gradient and the
-                   logits' gradient
+                   logits' gradient (+ 2 p for Gemma 2's capped logits)
       workspace    cuBLAS's, 32 MiB
       context      0.5 GiB CUDA context + 20% allocator reserve: counted to fit a card only.
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward."""
@@ -260,7 +272,7 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     counted = 1 if optimizer.keeps_all_gradients else 0
 
     layer_adapters = [m for m in layer.modules() if isinstance(m, LoRALinear)]
-    saved = tokens * saved_bytes_per_token(args, p, layer_adapters)
+    saved = tokens * saved_bytes_per_token(args, p, layer_adapters, seq)
     extra = tokens * backward_extra_bytes_per_token(args, p)
     largest_nf4 = max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0)
     if largest_nf4:
@@ -269,7 +281,8 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     hidden = tokens * args.embed_dim * p
     stored = args.num_layers * hidden if checkpointing else args.num_layers * (hidden + saved)
     at_loss = stored + 3 * hidden
-    loss_chunk = 12 * chunk_tokens * args.vocab_size
+    # Gemma 2's capped logits add the tanh's output and its gradient, in the weights' dtype.
+    loss_chunk = (12 + (2 * p if args.final_softcap else 0)) * chunk_tokens * args.vocab_size
 
     # (gradients, activations, logits/loss) at each moment that can be the peak
     moments = {

@@ -28,7 +28,7 @@ from tunelite.generation import (
     top_p_filter,
 )
 from tunelite.generation import loop
-from tunelite.models.llama import LoRAArgs, llama, lora_llama
+from tunelite.models.decoder import LoRAArgs, decoder, lora_decoder
 from tunelite.modules.lora import LoRALinear, merged_state_dict
 from tunelite.tokenizers import Message, llama2_tokenizer, llama3_tokenizer
 
@@ -182,8 +182,8 @@ def _lora_model_with_trained_adapter(base: Path) -> torch.nn.Module:
     """A LoRA model on `base` whose adapters are random and non-zero, as if trained."""
     lora = LoRAArgs(("q_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True, apply_lora_to_output=True,
                     lora_rank=4, lora_alpha=8.0)
-    model = lora_llama(TINY, lora)
-    model.load_state_dict(llama(TINY).state_dict() | random_model().state_dict(), strict=False)
+    model = lora_decoder(TINY, lora)
+    model.load_state_dict(decoder(TINY).state_dict() | random_model().state_dict(), strict=False)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -222,7 +222,7 @@ def test_adapter_made_for_another_model_is_refused_naming_the_file(tiny_checkpoi
     base, _ = tiny_checkpoint
     other = dataclasses.replace(TINY, embed_dim=96, num_heads=6, num_kv_heads=2)
     write_hf_checkpoint(tmp_path / "other_base", other)
-    save_peft_adapter(lora_llama(other, LoRAArgs(("q_proj", "v_proj"))), tmp_path / "adapter", "other")
+    save_peft_adapter(lora_decoder(other, LoRAArgs(("q_proj", "v_proj"))), tmp_path / "adapter", "other")
     with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
         load_generation_model(HFCheckpointer(str(base)), tmp_path / "adapter", torch.device("cpu"), torch.float32)
 

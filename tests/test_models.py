@@ -3,13 +3,13 @@ import torch
 
 from conftest import TINY, random_model
 from tunelite.errors import ConfigError
-from tunelite.models.llama import LoRAArgs, lora_llama
+from tunelite.models.decoder import LoRAArgs, lora_decoder
 from tunelite.modules.lora import LoRALinear, adapter_state_dict, merge_lora_state_dict, set_trainable_params
 
 
 def lora_twin(base: torch.nn.Module, **kw) -> torch.nn.Module:
     args = LoRAArgs(**{"lora_attn_modules": ("q_proj", "v_proj", "output_proj"), "apply_lora_to_mlp": True, **kw})
-    model = lora_llama(TINY, args)
+    model = lora_decoder(TINY, args)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(k.endswith(("lora_a", "lora_b")) for k in missing)
     return model
@@ -49,11 +49,11 @@ def test_merged_adapter_gives_the_unmerged_logits():
 
 def test_lora_on_unknown_module_names_the_choices():
     with pytest.raises(ConfigError, match="lora_attn_modules.*o_proj"):
-        lora_llama(TINY, LoRAArgs(lora_attn_modules=("q_proj", "o_proj")))
+        lora_decoder(TINY, LoRAArgs(lora_attn_modules=("q_proj", "o_proj")))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from tunelite.models.llama import set_activation_checkpointing
+    from tunelite.models.decoder import set_activation_checkpointing
 
     torch.manual_seed(0)
     tokens = torch.randint(0, TINY.vocab_size, (2, 9))

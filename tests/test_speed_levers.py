@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, random_model
-from tunelite.models.llama import LoRAArgs, RMSNorm, lora_llama, set_activation_checkpointing
+from tunelite.models.decoder import LoRAArgs, RMSNorm, lora_decoder, set_activation_checkpointing
 from tunelite.modules.loss import IGNORE_INDEX, LinearCrossEntropyLoss
 from tunelite.modules.lora import LoRALinear, set_trainable_params
 from tunelite.modules import nf4
@@ -34,7 +34,7 @@ def test_fused_nf4_dequantization_equals_torchao(dtype):
 def qlora_step(monkeypatch, checkpointing: bool, keep: bool, compiled: bool = False) -> tuple[torch.Tensor, dict, int]:
     """Loss, adapter gradients and the number of NF4 dequantizations of one step of the tiny QLoRA model."""
     torch.manual_seed(0)
-    model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=True))
+    model = lora_decoder(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=True))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -96,7 +96,7 @@ def test_chunked_linear_cross_entropy_equals_full_logits():
 
 def loss_and_grads(compiled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = lora_llama(TINY, LoRAArgs(lora_attn_modules=("q_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True))
+    model = lora_decoder(TINY, LoRAArgs(lora_attn_modules=("q_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True))
     model.load_state_dict(random_model().state_dict(), strict=False)
     with torch.no_grad():
         for m in model.modules():

@@ -33,9 +33,12 @@ def peft_key(our_key: str, layout: StateDictAdapter) -> str:
     return _PEFT_PREFIX + layout.hf_module(module) + "." + _SUFFIX_TO_PEFT[suffix]
 
 
-def load_peft_adapter(folder: Path, layout: StateDictAdapter) -> tuple[dict[str, torch.Tensor], dict]:
-    """A peft adapter folder as our adapter state dict and its adapter_config.json."""
+def load_peft_adapter(folder: Path, model_type: str = "llama") -> tuple[dict[str, torch.Tensor], dict]:
+    """A peft adapter folder as our adapter state dict and its adapter_config.json, its module
+    names read in the checkpoint layout of `model_type` (Llama's serves Mistral, Qwen and Gemma 2
+    too; an adapter of another layout is refused naming its first unknown module)."""
     folder = Path(folder)
+    layout = ADAPTERS[model_type]
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name} is missing: not a peft adapter folder")
@@ -106,7 +109,7 @@ def load_adapter_into(model: nn.Module, folder: Path) -> None:
     """Copies a peft adapter folder's weights into the model's adapters, to continue training them.
 
     Refuses, naming the folder, when the adapter was made for other modules, rank or alpha."""
-    adapter, config = load_peft_adapter(folder, ADAPTERS[model.args.model_type])
+    adapter, config = load_peft_adapter(folder, model.args.model_type)
     modules = lora_modules(model)
     if not modules:
         raise CheckpointError(f"{folder} is a LoRA adapter, but the model has no adapters to load it into; "

@@ -11,16 +11,17 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 from peft import PeftModel
+from safetensors.torch import save_file
 
 from conftest import random_model, write_hf_checkpoint
 from test_hf_parity import FAMILIES, WINDOWED, every_adapter, max_diff, meta, ours_from, theirs_from, tokens_for
-from tunelite.checkpointing.hf import HFCheckpointer
+from tunelite import models
+from tunelite.checkpointing.hf import HFCheckpointer, read_safetensors
 from tunelite.checkpointing.peft import load_adapter_into
 from tunelite.cli.main import main
 from tunelite.config import asset_path, load_config
 from tunelite.errors import CheckpointError, ConfigError, TuneliteError
 from tunelite.generation import GenerationSettings, generate
-from tunelite import models
 from tunelite.models import from_checkpoint, lora_llama3_1_8b
 from tunelite.models.decoder import attention_projections, decoder, lora_decoder, mlp_projections
 from tunelite.models.hf_config import SUPPORTED_MODEL_TYPES, hf_config_from_model_args
@@ -115,6 +116,19 @@ def test_a_left_padded_row_sees_the_window_it_would_see_alone(args):
     assert generate(model, prompts, settings)[0] == alone
 
 
+def test_gpt2_reads_openais_original_names_and_skips_its_mask_buffers(tmp_path):
+    """openai-community/gpt2's files name tensors without `transformer.` and carry each layer's
+    causal mask as `attn.bias`: both load, as transformers loads them."""
+    args = FAMILIES["gpt2-learned_positions-conv1d"]
+    write_hf_checkpoint(tmp_path, args)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    original = {key.removeprefix("transformer."): value for key, value in state.items()}
+    original |= {f"h.{i}.attn.bias": torch.ones(1, 1, 8, 8).tril() for i in range(args.num_layers)}
+    save_file(original, tmp_path / "model.safetensors")
+    ours = ours_from(tmp_path, meta(decoder, args))
+    assert max_diff(ours, theirs_from(tmp_path), tokens_for(args, 40)) <= 1e-4
+
+
 def test_gpt2_refuses_positions_it_never_learned_with_the_fix():
     args = FAMILIES["gpt2-learned_positions-conv1d"]
     model = random_model(args).eval()
@@ -151,7 +165,7 @@ def test_each_family_config_estimates_from_its_config_json_alone(tmp_path, name)
     config.json and no weights: it builds the model on the meta device and counts every weight."""
     cfg = load_config(configs_dir() / f"{name}.yaml", [f"checkpointer.checkpoint_dir={tmp_path}"])
     OmegaConf.resolve(cfg)
-    builder = str(cfg.model._component_).rsplit(".", 1)[-1].removeprefix("q").removeprefix("lora_")
+    builder = str(cfg.model._component_).rsplit(".", 1)[-1].split("lora_", 1)[-1]  # the base builder of a (q)lora_ one
     published = Path(__file__).parent / "hf_configs" / f"{builder}.json"
     (tmp_path / "config.json").write_text(published.read_text())
     result = estimate_memory(cfg, "lora_finetune_single_device")

@@ -27,10 +27,11 @@ from tunelite.models.decoder import attention_projections, decoder, lora_decoder
 from tunelite.models.hf_config import SUPPORTED_MODEL_TYPES, hf_config_from_model_args
 from tunelite.modules.lora import LoRALinear, merged_state_dict, set_trainable_params
 from tunelite.modules.nf4 import NF4Tensor
-from tunelite.recipe_registry import configs_dir
-from tunelite.training.memory_estimate import ACTIVATIONS, WEIGHTS, estimate_memory
+from tunelite.recipe_registry import configs_dir, get_recipe, read_declarations
+from tunelite.training.memory_estimate import ACTIVATIONS, WEIGHTS, estimate_memory, recipe_memory
 
 QWEN_DEMO = Path(asset_path("tiny/qwen2_5_model"))
+LORA_MEMORY = recipe_memory(read_declarations(get_recipe("lora_finetune_single_device").path))
 each_family = pytest.mark.parametrize("args", FAMILIES.values(), ids=FAMILIES.keys())
 each_windowed = pytest.mark.parametrize("args", WINDOWED.values(), ids=WINDOWED.keys())
 
@@ -168,7 +169,7 @@ def test_each_family_config_estimates_from_its_config_json_alone(tmp_path, name)
     builder = str(cfg.model._component_).rsplit(".", 1)[-1].split("lora_", 1)[-1]  # the base builder of a (q)lora_ one
     published = Path(__file__).parent / "hf_configs" / f"{builder}.json"
     (tmp_path / "config.json").write_text(published.read_text())
-    result = estimate_memory(cfg, "lora_finetune_single_device")
+    result = estimate_memory(cfg, LORA_MEMORY)
     params = sum(p.numel() for p in meta(getattr(models, builder)).parameters())
     assert result.total == sum(result.components.values())
     if "qlora" not in name:
@@ -181,7 +182,7 @@ def estimate_for(tmp_path: Path, args, seq: int):
         "model._component_=tunelite.models.from_checkpoint", f"+model.checkpoint_dir={tmp_path}",
         f"checkpointer.checkpoint_dir={tmp_path}", f"tokenizer.max_seq_len={seq}", "batch_size=1",
         "enable_activation_checkpointing=False", "model.lora_attn_modules=[output_proj]"])
-    return estimate_memory(cfg, "lora_finetune_single_device").components[ACTIVATIONS]
+    return estimate_memory(cfg, LORA_MEMORY).components[ACTIVATIONS]
 
 
 def test_estimated_activations_follow_each_familys_layer(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelite.checkpointing.hf import ADAPTERS, StateDictAdapter, read_safetensors
+from tunelite.checkpointing.hf import ADAPTERS, read_safetensors
 from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
 from tunelite.models.decoder import LoRAArgs, ModelArgs, attention_projections, mlp_projections
@@ -28,9 +28,10 @@ _SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
 SOURCE_RECORD = "tunelite_source.json"
 
 
-def peft_key(our_key: str, layout: StateDictAdapter) -> str:
+def peft_key(our_key: str, model_type: str = "llama") -> str:
+    """peft's name of one of our adapter tensors, in the checkpoint layout of `model_type`."""
     module, suffix = our_key.rsplit(".", 1)
-    return _PEFT_PREFIX + layout.hf_module(module) + "." + _SUFFIX_TO_PEFT[suffix]
+    return _PEFT_PREFIX + ADAPTERS[model_type].hf_module(module) + "." + _SUFFIX_TO_PEFT[suffix]
 
 
 def load_peft_adapter(folder: Path, model_type: str = "llama") -> tuple[dict[str, torch.Tensor], dict]:
@@ -196,8 +197,8 @@ def save_peft_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = adapter_state_dict(model) if adapter is None else adapter
-    layout = ADAPTERS[model.args.model_type]
-    tensors = {peft_key(key, layout): value.detach().cpu().contiguous() for key, value in adapter.items()}
+    model_type = model.args.model_type
+    tensors = {peft_key(key, model_type): value.detach().cpu().contiguous() for key, value in adapter.items()}
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = peft_adapter_config(model, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

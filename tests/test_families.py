@@ -23,9 +23,10 @@ from tunelite.config import asset_path, load_config
 from tunelite.errors import CheckpointError, ConfigError, TuneliteError
 from tunelite.generation import GenerationSettings, generate
 from tunelite.models import from_checkpoint, lora_llama3_1_8b
-from tunelite.models.decoder import attention_projections, decoder, lora_decoder, mlp_projections
+from tunelite.models.decoder import LoRAArgs, attention_projections, decoder, lora_decoder, mlp_projections
 from tunelite.models.hf_config import SUPPORTED_MODEL_TYPES, hf_config_from_model_args
 from tunelite.modules.lora import LoRALinear, merged_state_dict, set_trainable_params
+from tunelite.modules.fp8 import FrozenFP8Linear
 from tunelite.modules.nf4 import NF4Tensor
 from tunelite.recipe_registry import configs_dir, get_recipe, read_declarations
 from tunelite.training.memory_estimate import ACTIVATIONS, WEIGHTS, estimate_memory, recipe_memory
@@ -154,6 +155,28 @@ def test_qlora_twin_keeps_frozen_weights_in_nf4_and_trains_only_the_adapters(tmp
     assert adapted and all(isinstance(m.weight, NF4Tensor) and m.weight.grad is None for m in adapted)
     assert all(m.lora_a.grad is not None for m in adapted)
     assert all(m.bias is None or not m.bias.requires_grad for m in adapted)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5-qkv_bias-tied", "gpt2-learned_positions-conv1d"])
+def test_fp8_base_keeps_the_families_biases_frozen_beside_its_fp8_weights(tmp_path, name):
+    """`base_dtype: fp8` on the families with biases: the biases stay in the model's dtype, are
+    applied (zeroing them changes the logits) and frozen; the logits are the base's up to FP8's
+    rounding (e4m3: about 6% per value)."""
+    args = FAMILIES[name]
+    write_hf_checkpoint(tmp_path, args)
+    base = ours_from(tmp_path, meta(decoder, args))
+    lora = LoRAArgs(lora_attn_modules=("output_proj",), lora_rank=4, fp8_base=True)  # q/k/v frozen, adapted or not
+    model = ours_from(tmp_path, meta(lora_decoder, args, lora))
+    tokens = tokens_for(args, 32)
+    assert max_diff(model, base, tokens) < 0.25
+    biased = [m for m in model.layers.modules() if getattr(m, "fp8_base", False) and m.bias is not None]
+    assert {type(m) for m in biased} >= {FrozenFP8Linear}
+    assert all(m.weight.dtype == torch.float8_e4m3fn and not m.bias.requires_grad for m in biased)
+    with torch.no_grad():
+        before = model(tokens)
+        for m in biased:
+            m.bias.zero_()
+        assert (model(tokens) - before).abs().max() > 1e-3
 
 
 FAMILY_CONFIGS = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().glob("*/*.yaml")

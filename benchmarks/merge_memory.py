@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tunelite.checkpointing.hf import INDEX_FILE, hf_config_from_model_args, ours_to_hf, save_hf_state_dict
+from tunelite.checkpointing.hf import ADAPTERS, INDEX_FILE, hf_config_from_model_args, save_hf_state_dict
 from tunelite.checkpointing.peft import save_peft_adapter
 from tunelite.models.llama import LoRAArgs, lora_llama
 from tunelite.models.llama3_1 import LLAMA3_1_8B
@@ -61,10 +61,10 @@ def main() -> None:
             state = {k: torch.randn(v.shape).mul_(0.02) for k, v in model.state_dict().items()}
         weights = {k: v for k, v in state.items() if not k.endswith(("lora_a", "lora_b"))}
         per = -(-len(weights) // args.shards)
-        weight_map = {ours_to_hf(k): f"model-{i // per + 1:05d}-of-{args.shards:05d}.safetensors"
+        weight_map = {ADAPTERS["llama"].to_hf(k): f"model-{i // per + 1:05d}-of-{args.shards:05d}.safetensors"
                       for i, k in enumerate(weights)}
         (base / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        save_hf_state_dict(weights, base, source_dir=base, dtype=torch.bfloat16)
+        save_hf_state_dict(weights, base, source_dir=base, dtype=torch.bfloat16, model_type="llama")
         (base / "config.json").write_text(json.dumps(hf_config_from_model_args(sizes)))
         model.load_state_dict(state, assign=True)
         save_peft_adapter(model, Path(tmp) / "adapter", str(base))

@@ -22,6 +22,7 @@ from tunelite.checkpointing.hf import (
     save_hf_state_dict,
     weight_files,
 )
+from tunelite.checkpointing.merge import merge_adapter
 from tunelite.checkpointing.peft import load_adapter_into, save_peft_adapter
 from tunelite.models.decoder import (
     LoRAArgs,
@@ -259,3 +260,16 @@ def test_our_adapter_loads_in_peft_on_transformers_model_with_our_logits(tmp_pat
     reloaded = ours_from(base_folder, meta(lora_decoder, args, every_adapter(args)))
     load_adapter_into(reloaded, tmp_path / "adapter")
     assert max_diff(reloaded, lora, tokens) == 0
+
+
+@each_family
+def test_tunelite_merge_folds_our_adapter_into_each_familys_folder(tmp_path, args):
+    """`tunelite merge`'s streamed merge reads each family's names (and GPT-2's transposed Conv1D
+    weights): the folder it writes is the LoRA model, in transformers."""
+    base_folder = tmp_path / "base"
+    write_hf_checkpoint(base_folder, args, shards=2)
+    lora = trained_lora_model(base_folder, args)
+    save_peft_adapter(lora, tmp_path / "adapter", base_model_name_or_path=str(base_folder))
+    summary = merge_adapter(base_folder, tmp_path / "adapter", tmp_path / "merged")
+    assert summary.adapted == sum(isinstance(m, LoRALinear) for m in lora.modules())
+    assert max_diff(theirs_from(tmp_path / "merged"), lora, tokens_for(args, LONG)) <= 1e-4

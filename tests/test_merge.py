@@ -165,13 +165,14 @@ def test_a_sharded_merge_holds_far_less_than_one_shard_in_host_memory(tmp_path):
 
 
 def _write_shards(folder: Path, args, state: dict[str, torch.Tensor], shards: int) -> None:
-    from tunelite.checkpointing.hf import hf_config_from_model_args, ours_to_hf, save_hf_state_dict
+    from tunelite.checkpointing.hf import ADAPTERS, hf_config_from_model_args, save_hf_state_dict
 
     keys = list(state)
     per = -(-len(keys) // shards)
-    weight_map = {ours_to_hf(k): f"model-{i // per + 1:05d}-of-{shards:05d}.safetensors" for i, k in enumerate(keys)}
+    weight_map = {ADAPTERS[args.model_type].to_hf(k): f"model-{i // per + 1:05d}-of-{shards:05d}.safetensors"
+                  for i, k in enumerate(keys)}
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    save_hf_state_dict(state, folder, source_dir=folder, dtype=torch.float32)
+    save_hf_state_dict(state, folder, source_dir=folder, dtype=torch.float32, model_type=args.model_type)
     (folder / "config.json").write_text(json.dumps(hf_config_from_model_args(args, torch.float32)))
 
 

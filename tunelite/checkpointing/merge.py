@@ -8,14 +8,22 @@ index, config and tokenizer files, and appears at once, complete (`atomic_folder
 """
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunelite.checkpointing.atomic import atomic_folder
-from tunelite.checkpointing.hf import INDEX_FILE, copy_side_files, hf_to_ours, read_hf_config, weight_files
+from tunelite.checkpointing.hf import (
+    ADAPTERS,
+    INDEX_FILE,
+    StateDictAdapter,
+    copy_side_files,
+    model_args_from_hf_config,
+    read_hf_config,
+    weight_files,
+)
 from tunelite.checkpointing.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, lora_args_from_adapter_config
 from tunelite.checkpointing.streamed import TensorEntry, list_tensors, read_row_blocks, write_safetensors
 from tunelite.errors import CheckpointError
@@ -35,12 +43,6 @@ class MergeSummary:
     adapted: int
 
 
-def hf_name_mapping(hf_config: dict) -> Callable[[str], str | None]:
-    """HF tensor name -> tunelite name for the base's model family: the one place merging meets the
-    key mapping (today one Llama table), so a per-family mapping replaces it here alone."""
-    return hf_to_ours
-
-
 def merge_adapter(
     base_dir: Path, adapter_dir: Path, output_dir: Path, dtype: torch.dtype | None = None,
     base_model_name: str | None = None,
@@ -53,12 +55,13 @@ def merge_adapter(
     base_dir, adapter_dir, output_dir = Path(base_dir), Path(adapter_dir), Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise CheckpointError(f"{output_dir} exists and is not empty: merge into a new folder (nothing is overwritten)")
-    hf_config = read_hf_config(base_dir)
-    lora = lora_args_from_adapter_config(adapter_dir)
-    adapter, adapter_config = load_peft_adapter(adapter_dir)
-    to_ours = hf_name_mapping(hf_config)
+    # The names, and which weights are stored transposed, are those of the base's family.
+    args = model_args_from_hf_config(read_hf_config(base_dir), str(base_dir / "config.json"))
+    lora = lora_args_from_adapter_config(adapter_dir, args)
+    adapter, adapter_config = load_peft_adapter(adapter_dir, args.model_type)
     files = {path: list_tensors(path) for path in weight_files(base_dir)}
-    pairs = _adapter_pairs(files, adapter, to_ours, adapter_dir, base_dir, adapter_config, lora.lora_rank)
+    pairs = _adapter_pairs(files, adapter, ADAPTERS[args.model_type], adapter_dir, base_dir, adapter_config,
+                           lora.lora_rank)
 
     def blocks(entry: TensorEntry) -> Iterator[torch.Tensor]:
         out_dtype = _out_dtype(entry, dtype)
@@ -91,11 +94,13 @@ def _out_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _adapter_pairs(
-    files: dict[Path, list[TensorEntry]], adapter: dict[str, torch.Tensor], to_ours: Callable[[str], str | None],
+    files: dict[Path, list[TensorEntry]], adapter: dict[str, torch.Tensor], layout: StateDictAdapter,
     adapter_dir: Path, base_dir: Path, adapter_config: dict, rank: int,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(lora_a, lora_b) for each base tensor the adapter changes, keyed by its HF name, after
-    checking that the adapter fits this base."""
+    checking that the adapter fits this base. For a weight the checkpoint stores transposed (GPT-2's
+    Conv1D, in x out) the pair is (B^T, A^T): its rows then take (B A)^T's rows."""
+    to_ours = layout.to_ours
     weights_file = adapter_dir / ADAPTER_WEIGHTS
     made_for = adapter_config.get("base_model_name_or_path")
     pairs = {}
@@ -108,6 +113,8 @@ def _adapter_pairs(
         if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
             raise CheckpointError(f"{weights_file}: {prefix}lora_a/lora_b have rank {lora_a.shape[0]}, but "
                                   f"{adapter_dir / ADAPTER_CONFIG} says r={rank}; the folder mixes two adapters")
+        if layout.is_transposed(ours):
+            lora_a, lora_b = lora_b.t(), lora_a.t()
         if (lora_b.shape[0], lora_a.shape[1]) != tuple(entry.shape):
             raise CheckpointError(
                 f"{weights_file}: the adapter of {entry.name} is for a {lora_b.shape[0]} x {lora_a.shape[1]} weight, "

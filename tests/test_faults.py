@@ -15,23 +15,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 from faults_helpers import (  # noqa: F401 (uninterrupted: a fixture)
+    FAULTY_LOSS,
     TOTAL_STEPS,
-    NonFiniteAtSteps,
     command,
     last_step,
     metrics,
+    pause_args,
+    paused_write_command,
+    release,
     resume_and_compare,
     run_args,
-    slow_writes_command,
     uninterrupted,
-    wait_for,
+    wait_paused,
 )
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
@@ -45,8 +46,7 @@ from tunelite.checkpointing.hf import load_hf_state_dict
 from tunelite.config import asset_path, instantiate, load_config, resolve_config_path
 from tunelite.data.sampler import ResumableSampler
 
-SLOW_WRITE_SECONDS = 0.5
-NAN_LOSS = "loss._component_=faults_helpers.NonFiniteAtSteps"
+NAN_LOSS = FAULTY_LOSS
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -72,31 +72,28 @@ def step_named(step: int) -> str:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_a_random_step_loses_only_the_steps_since_the_last_checkpoint(tmp_path, uninterrupted, seed):
-    rng = random.Random(seed)
-    kill_after = rng.randint(6, 30)  # past the first checkpoint, well before the end
-    out = tmp_path / "run"
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: last_step(out) >= kill_after, proc, f"step {kill_after}")
-    time.sleep(rng.uniform(0, 0.02))
+    kill_after = random.Random(seed).randint(6, 30)  # past the first checkpoint, well before the end
+    out, gate = tmp_path / "run", tmp_path
+    proc = subprocess.Popen(command(out, *pause_args(gate, kill_after + 1)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_paused(gate, kill_after + 1, proc)  # inside step kill_after + 1: its forward done, no update yet
     proc.kill()
     proc.wait()
-    assert not (out / f"step_{TOTAL_STEPS}").exists(), "the run finished before the kill; the test proved nothing"
+    assert last_step(out) == kill_after
     assert resume_and_compare(out, uninterrupted) <= 5
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_one_before_it(tmp_path, uninterrupted, seed):
-    rng = random.Random(seed)
-    step = rng.choice([10, 20, 30])  # checkpoints at multiples of 5 and 12: these follow one 5 steps before
-    out = tmp_path / "run"
+    step = random.Random(seed).choice([10, 20, 30])  # checkpoints at multiples of 5 and 12: these follow one 5 steps before
+    out, gate = tmp_path / "run", tmp_path
     # keep_last_n_checkpoints=1: the previous checkpoint must still be there while the next is written.
-    proc = subprocess.Popen(slow_writes_command(SLOW_WRITE_SECONDS, out, "keep_last_n_checkpoints=1"),
+    proc = subprocess.Popen(paused_write_command(gate, step, out, "keep_last_n_checkpoints=1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any(out.glob(f"{TMP_PREFIX}step_{step}-*")), proc, f"the write of step_{step}")
-    time.sleep(rng.uniform(0, SLOW_WRITE_SECONDS / 2))
+    wait_paused(gate, "write", proc)  # recipe_state.pt of step_{step} half-written
     proc.kill()
     proc.wait()
-    assert any(out.glob(f"{TMP_PREFIX}step_{step}-*")), "the kill missed the write; the test proved nothing"
+    assert any(out.glob(f"{TMP_PREFIX}step_{step}-*")), "the paused write left no temporary folder"
     assert [folder.name for folder in checkpoint_folders(out)] == [f"step_{step - 5}"]
     verify_folder(out / f"step_{step - 5}")
     assert resume_and_compare(out, uninterrupted) == 5
@@ -106,23 +103,24 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_one_before_it(tmp_pa
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, uninterrupted):
-    out, stderr = tmp_path / "run", tmp_path / "stderr"
+    out, gate, stderr = tmp_path / "run", tmp_path, tmp_path / "stderr"
     with open(stderr, "w") as err:
-        proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: last_step(out) >= 7, proc, "step 7")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    stopped = last_step(out)
-    assert stopped < TOTAL_STEPS, "the run finished before the signal; the test proved nothing"
-    assert checkpoint_folders(out)[-1] == out / f"step_{stopped}"
-    verify_folder(out / f"step_{stopped}")
+        proc = subprocess.Popen(command(out, *pause_args(gate, 8)), stdout=subprocess.DEVNULL, stderr=err)
+        wait_paused(gate, 8, proc)
+        proc.send_signal(signal.SIGTERM)  # handled while step 8 is paused: the run stops after it
+        release(gate, 8)
+        assert proc.wait() == 128 + signal.SIGTERM
+    assert last_step(out) == 8
+    assert checkpoint_folders(out)[-1] == out / "step_8"
+    verify_folder(out / "step_8")
     printed = re.search(r"SIGTERM: stopped after step (\d+) of 36, checkpoint (\S+); resume with:\n  (.+)\n",
                         stderr.read_text())
     assert printed, stderr.read_text()[-2000:]
-    assert (int(printed[1]), printed[2]) == (stopped, str(out / f"step_{stopped}"))
+    assert (int(printed[1]), printed[2]) == (8, str(out / "step_8"))
     resume = shlex.split(printed[3])
-    assert resume == ["tunelite", *run_args(out, "resume_from_checkpoint=True")]
-    assert resume_and_compare(out, uninterrupted, resume[1:]) == 0
+    assert resume == ["tunelite", *run_args(out, *pause_args(gate, 8), "resume_from_checkpoint=True")]
+    # The printed command, less the test's pause (the resumed run would wait at step 8 again otherwise).
+    assert resume_and_compare(out, uninterrupted, run_args(out, "resume_from_checkpoint=True")) == 0
 
 
 def test_the_resume_command_is_the_users_own_with_any_resume_override_replaced(monkeypatch):
@@ -137,20 +135,19 @@ def test_the_resume_command_is_the_users_own_with_any_resume_override_replaced(m
 
 
 def test_a_second_sigint_ends_the_run_at_once(tmp_path, uninterrupted):
-    out, stderr = tmp_path / "run", tmp_path / "stderr"
-    slow = 10 * SLOW_WRITE_SECONDS
+    out, gate, stderr = tmp_path / "run", tmp_path, tmp_path / "stderr"
     with open(stderr, "w") as err:
-        # Checkpoints at epoch ends only, so the first SIGINT's stop has one to write, slowly.
-        proc = subprocess.Popen(slow_writes_command(slow, out, "save_every_n_steps=null"),
+        # Checkpoints at epoch ends only, so the first SIGINT's stop has one to write: step_3's, which
+        # stays half-written until released, and is never released.
+        proc = subprocess.Popen(paused_write_command(gate, 3, out, "save_every_n_steps=null", *pause_args(gate, 3)),
                                 stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: last_step(out) >= 2, proc, "step 2")
+        wait_paused(gate, 3, proc)
         proc.send_signal(signal.SIGINT)
-        wait_for(lambda: any(out.glob(f"{TMP_PREFIX}step_*")), proc, "the stop's checkpoint write")
+        release(gate, 3)
+        wait_paused(gate, "write", proc)
         assert "SIGINT: stopping after this step" in stderr.read_text()
         proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        assert proc.wait(timeout=60) == -signal.SIGINT, "the second SIGINT did not end the run by the signal"
-        assert time.monotonic() - sent < slow / 2, "the second SIGINT waited for the checkpoint write"
+        assert proc.wait() == -signal.SIGINT, "the second SIGINT did not end the run by the signal"
     assert checkpoint_folders(out) == [], "the checkpoint write the second SIGINT cut short was completed"
     resume_and_compare(out, uninterrupted)
 
@@ -241,17 +238,6 @@ def test_a_nonfinite_gradient_after_optimizer_in_backward_stepped_stops_whatever
 
 
 # --- a folder that cannot be written, a disk that fills up -------------------------------------
-
-
-def test_an_output_folder_that_cannot_be_created_stops_at_the_first_checkpoint_naming_it(tmp_path, capsys):
-    # A path under a regular file: no one can create it, root included, unlike a chmod-ed folder.
-    (tmp_path / "a_file").write_text("")
-    out = tmp_path / "a_file" / "run"
-    assert main(run_args(out, f"metric_logger.1.log_dir={tmp_path / 'logs'}")) == 2
-    message = capsys.readouterr().err
-    assert f"could not write the checkpoint {out / 'step_5'}: Not a directory [ENOTDIR]" in message
-    assert f"make {out} writable or set output_dir to another folder" in message
-    assert "There is no complete checkpoint yet." in message
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "no permission"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunelite.checkpointing.atomic import verify_written_files
 from tunelite.checkpointing.hf import HFCheckpointer, load_hf_state_dict
 from tunelite.errors import CheckpointError, ConfigError
 from tunelite.models.llama import TransformerDecoder
@@ -39,7 +40,9 @@ def load_checkpoint_into(
 
     Weights of QLoRA layers are quantized to NF4 as each one reaches the device, and those of an
     FP8 base to FP8 (with their scales and transposed copy), so the model in bf16 never exists whole
-    in GPU memory."""
+    in GPU memory. A folder tunelite wrote (a merged model) is checked against its checkpoint's
+    manifest first."""
+    verify_written_files(Path(checkpointer.checkpoint_dir))
     quantized, in_fp8 = nf4_weight_names(model), fp8_weight_names(model)
     if in_fp8 and not fp8.fp8_supported(device):
         name = torch.cuda.get_device_name(device)
@@ -84,7 +87,9 @@ def fp8_weight_names(model: nn.Module) -> set[str]:
 
 
 def restore_weights(model: nn.Module, folder: Path) -> None:
-    """Copies the weights of an HF-layout folder written by a full fine-tune back into the model."""
+    """Copies the weights of an HF-layout folder written by a full fine-tune back into the model,
+    once they match its checkpoint's manifest."""
+    verify_written_files(folder)
     state = load_hf_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

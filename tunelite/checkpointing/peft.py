@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tunelite.checkpointing.atomic import verify_written_files
 from tunelite.checkpointing.hf import ADAPTERS, read_safetensors
 from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
@@ -37,12 +38,14 @@ def peft_key(our_key: str, model_type: str = "llama") -> str:
 def load_peft_adapter(folder: Path, model_type: str = "llama") -> tuple[dict[str, torch.Tensor], dict]:
     """A peft adapter folder as our adapter state dict and its adapter_config.json, its module
     names read in the checkpoint layout of `model_type` (Llama's serves Mistral, Qwen and Gemma 2
-    too; an adapter of another layout is refused naming its first unknown module)."""
+    too; an adapter of another layout is refused naming its first unknown module); one tunelite
+    wrote is checked against its checkpoint's manifest first."""
     folder = Path(folder)
     layout = ADAPTERS[model_type]
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name} is missing: not a peft adapter folder")
+    verify_written_files(folder)
     theirs = read_safetensors(folder / ADAPTER_WEIGHTS)
     back = {v: k for k, v in _SUFFIX_TO_PEFT.items()}
     ours = {}

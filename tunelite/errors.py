@@ -29,3 +29,8 @@ class ResourceError(TuneliteError):
 class NonFiniteError(TuneliteError):
     """A step's loss or gradient norm is NaN or infinite (too high a learning rate, a bad row):
     the run stops rather than train on, or checkpoint, weights it would poison."""
+
+
+class DivergenceError(TuneliteError):
+    """A step's loss is far above the run's recent losses (too high a learning rate, a bad row): the
+    run stops before the optimizer steps, rather than train on, or checkpoint, weights blown up."""

@@ -1,5 +1,7 @@
-"""What a recipe does with a step whose loss or gradient norm is NaN or infinite: skip it, up to
-`skip_nonfinite_steps` of them, or stop the run naming the step and its samples.
+"""What a recipe does with a bad step, one it must not let the optimizer take: a NaN or infinite
+loss or gradient norm is skipped, up to `skip_nonfinite_steps` of them, or stops the run; a finite
+loss far above the run's history (tunelite.training.divergence) stops it. Either stop names the
+step, its samples, and the checkpoint from before the loss began climbing.
 
 The recipe checks before the optimizer steps, so the weights never take such a step."""
 
@@ -8,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from tunelite.checkpointing.state import Progress, newest_checkpoint_note
-from tunelite.errors import NonFiniteError
+from tunelite.checkpointing.state import Progress
+from tunelite.errors import DivergenceError, NonFiniteError
+from tunelite.training.divergence import divergence_message, resume_note
 
 
 def is_finite(*values: torch.Tensor | None) -> bool:
@@ -18,21 +21,28 @@ def is_finite(*values: torch.Tensor | None) -> bool:
     return all(value is None or bool(torch.isfinite(value)) for value in values)
 
 
-def skip_nonfinite_step(
-    progress: Progress, limit: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, sample_indices: list[int],
-    output_dir: Path,
+def skip_or_stop(
+    progress: Progress, limit: int, divergence_factor: float | None, loss: torch.Tensor,
+    grad_norm: torch.Tensor | None, sample_indices: list[int], output_dir: Path,
 ) -> tuple[Progress, str]:
-    """Counts the step in progress as skipped and returns the progress with that count and the line
-    to show; past `limit` skipped steps raises NonFiniteError instead, naming the step, its samples
-    (dataset indices) and the newest checkpoint to resume from."""
+    """For the step in progress, found bad: with a finite loss and gradient norm it is diverging
+    (tunelite.training.divergence.diverged) and raises DivergenceError. Else it counts as skipped:
+    returns the progress with that count and the line to show, or past `limit` skipped steps raises
+    NonFiniteError. Each error names the step, its samples (dataset indices) and the checkpoint to
+    resume from."""
     step = f"step {progress.step + 1} (dataset samples {', '.join(map(str, sample_indices))})"
+    kept = (f"the optimizer did not step, so the weights are those after step {progress.step}. No checkpoint was "
+            f"written of this state. {resume_note(progress, Path(output_dir))}")
+    if is_finite(loss, grad_norm):
+        raise DivergenceError(
+            f"{step}: {divergence_message(progress, loss, divergence_factor)}; {kept} Lower the learning rate, "
+            "look at those samples, or raise divergence_factor (null switches this check off)."
+        )
     values = f"the loss is {loss.item()}" + ("" if grad_norm is None else f", the gradient norm {grad_norm.item()}")
     if progress.skipped_steps >= limit:
         raise NonFiniteError(
-            f"{step}: {values}; the optimizer did not step, so the weights are those after step {progress.step}. "
-            f"Look at those samples, lower the learning rate, or skip such steps with skip_nonfinite_steps: N "
-            f"(now {limit}, {progress.skipped_steps} skipped). No checkpoint was written of this state. "
-            f"{newest_checkpoint_note(Path(output_dir))}"
+            f"{step}: {values}; {kept} Look at those samples, lower the learning rate, or skip such steps with "
+            f"skip_nonfinite_steps: N (now {limit}, {progress.skipped_steps} skipped)."
         )
     progress = replace(progress, skipped_steps=progress.skipped_steps + 1)
     return progress, f"{step}: {values}; skipped ({progress.skipped_steps} of skip_nonfinite_steps: {limit})"

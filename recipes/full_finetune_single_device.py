@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.checkpointing.loading import load_checkpoint_into, restore_weights
+from tunelite.checkpointing.output_dir import RunFolder, claim_output_dir
 from tunelite.checkpointing.state import (
     Progress,
-    find_resume_folder,
+    checkpoint_lacks,
     load_training_state,
     run_fingerprint,
     save_checkpoint,
@@ -38,7 +39,8 @@ from tunelite.modules.loss import IGNORE_INDEX
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
-from tunelite.training.nonfinite import is_finite, skip_nonfinite_step
+from tunelite.training.divergence import diverged
+from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.optimizers import OptimizerInBackward, backward_stepping_weights
 from tunelite.training.profiling import build_profiler
@@ -57,7 +59,7 @@ CONFIG_KEYS = {
     "optional": (
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "resume_from_checkpoint",
-        "log_peak_memory_stats", "optimizer_in_bwd",
+        "log_peak_memory_stats", "optimizer_in_bwd", "overwrite_output_dir", "divergence_factor",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: every weight trains, one sequence a sample.
@@ -65,6 +67,13 @@ MEMORY = {"trains": "all", "sequences_per_sample": 1}
 
 
 def main(cfg: DictConfig) -> None:
+    # The output folder is this run's alone while it runs (README: "Where outputs go").
+    with claim_output_dir(Path(cfg.output_dir), cfg.get("resume_from_checkpoint", False),
+                          cfg.get("overwrite_output_dir", False)) as run:
+        train(cfg, run)
+
+
+def train(cfg: DictConfig, run: RunFolder) -> None:
     in_backward = cfg.get("optimizer_in_bwd", False)
     accumulation = cfg.gradient_accumulation_steps
     if in_backward and (cfg.get("clip_grad_norm") or accumulation > 1):
@@ -113,26 +122,31 @@ def main(cfg: DictConfig) -> None:
 
     # Checkpoints: the whole model in the base's HF layout, in the training dtype so that a resumed
     # run continues from exactly these weights; with optimizer, schedule, RNG and data position.
-    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation, epoch_steps,
+    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation,
                                   cfg.shuffle, cfg.seed)
+    # What a resumed run may change (each change is applied and said); the fingerprint's it may not.
+    settings = {"optimizer": cfg.optimizer, "lr_scheduler": cfg.lr_scheduler, "epochs": cfg.epochs,
+                "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "clip_grad_norm": cfg.get("clip_grad_norm"),
+                "log_every_n_steps": cfg.log_every_n_steps, "eval_every_n_steps": cfg.get("eval_every_n_steps"),
+                "save_every_n_steps": cfg.get("save_every_n_steps")}
 
     def save() -> Path:
         return save_checkpoint(output_dir, progress, lambda folder: checkpointer.save(model.state_dict(),
-                               folder / "model", dtype), optimizer, scheduler, fingerprint,
-                               cfg.get("keep_last_n_checkpoints"))
+                               folder / "model", dtype), optimizer, scheduler, fingerprint, settings,
+                               cfg.get("keep_last_n_checkpoints"), run.run_id)
 
     progress, saved_step = Progress(), None
-    resume = find_resume_folder(cfg.get("resume_from_checkpoint", False), output_dir)
-    if resume is not None:
-        restore_weights(model, resume / "model")
-        progress = load_training_state(resume, optimizer, scheduler, fingerprint)
+    if run.resume is not None:
+        restore_weights(model, run.resume / "model")
+        progress = load_training_state(run.resume, optimizer, scheduler, fingerprint, settings, epoch_steps)
         saved_step = progress.step
-        print(f"resumed from {resume}: step {progress.step} of {total_steps}")
+        print(f"resumed from {run.resume}: step {progress.step} of {total_steps}")
 
     reporter = StepReporter(logger, total_steps, progress.step, device, cfg.log_every_n_steps,
                             cfg.get("log_peak_memory_stats", False))
     profiler = instantiate(cfg.profiler) if cfg.get("profiler") else build_profiler()
     skip_limit = cfg.get("skip_nonfinite_steps") or 0
+    divergence_factor = cfg.get("divergence_factor", 10.0)
     model.train()
     reset_peak_memory(device)
     with reporter, profiler, StopRequest() as stop, advice_on_oom(
@@ -161,26 +175,27 @@ def main(cfg: DictConfig) -> None:
                         loss.backward()
                 if not in_backward:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                elif is_finite(step_loss):
+                elif is_finite(step_loss) and not diverged(progress, step_loss, divergence_factor):
                     # Each weight steps in its gradient hook during this backward: the loss, checked just
                     # above, is all that can be checked before a weight changes.
                     grad_norm = backward_stepping_weights(loss, params, progress.step + 1, output_dir)
                 else:
                     grad_norm = None  # no backward: no weight took this step
 
-                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop.
-                if is_finite(step_loss, grad_norm):
+                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop; nor does a
+                # loss far above its recent history (divergence_factor): stop.
+                if is_finite(step_loss, grad_norm) and not diverged(progress, step_loss, divergence_factor):
                     if cfg.get("clip_grad_norm"):
                         torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, grad_norm)
                     optimizer.step()
                 else:
                     samples = step_sample_indices(loader, epoch, progress.step_in_epoch, accumulation)
-                    progress, message = skip_nonfinite_step(progress, skip_limit, step_loss, grad_norm, samples,
-                                                            output_dir)
+                    progress, message = skip_or_stop(progress, skip_limit, divergence_factor, step_loss, grad_norm,
+                                                     samples, output_dir)
                     reporter.note(message)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                progress = progress.advanced(epoch_steps)
+                progress = progress.advanced(epoch_steps, step_loss)
 
                 reporter.report(progress.step, epoch, step_loss, optimizer.param_groups[0]["lr"], num_labels, started,
                                 grad_norm, progress.skipped_steps)
@@ -193,7 +208,10 @@ def main(cfg: DictConfig) -> None:
                 if progress.step_in_epoch == 0 or (save_every and progress.step % save_every == 0):
                     save()
                     saved_step = progress.step
-    print(f"done: {output_dir / f'step_{progress.step}' / 'model'} holds the model in HF layout")
+    final = output_dir / f"step_{progress.step}"
+    if checkpoint_lacks(final, ["model"]):
+        save()  # resumed at the last step from a checkpoint in another folder
+    print(f"done: {final / 'model'} holds the model in HF layout")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.checkpointing.loading import load_checkpoint_into
+from tunelite.checkpointing.output_dir import RunFolder, claim_output_dir
 from tunelite.checkpointing.peft import base_model_name, load_adapter_into, save_peft_adapter
 from tunelite.checkpointing.state import (
     Progress,
-    find_resume_folder,
+    checkpoint_lacks,
     load_training_state,
     run_fingerprint,
     save_checkpoint,
@@ -42,7 +43,8 @@ from tunelite.modules.loss import IGNORE_INDEX
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
-from tunelite.training.nonfinite import is_finite, skip_nonfinite_step
+from tunelite.training.divergence import diverged
+from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.profiling import build_profiler
 from tunelite.training.reporting import StepReporter, build_metric_loggers
@@ -60,7 +62,7 @@ CONFIG_KEYS = {
     "optional": (
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
-        "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id",
+        "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "overwrite_output_dir", "divergence_factor",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -68,6 +70,13 @@ MEMORY = {"trains": "adapters", "sequences_per_sample": 1}
 
 
 def main(cfg: DictConfig) -> None:
+    # The output folder is this run's alone while it runs (README: "Where outputs go").
+    with claim_output_dir(Path(cfg.output_dir), cfg.get("resume_from_checkpoint", False),
+                          cfg.get("overwrite_output_dir", False)) as run:
+        train(cfg, run)
+
+
+def train(cfg: DictConfig, run: RunFolder) -> None:
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
@@ -108,8 +117,13 @@ def main(cfg: DictConfig) -> None:
 
     # Checkpoints: the adapter (peft layout), at the end also merged into the base; resumed from
     # the newest one when the config asks, with optimizer, schedule, RNG and data position.
-    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation, epoch_steps,
+    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation,
                                   cfg.shuffle, cfg.seed)
+    # What a resumed run may change (each change is applied and said); the fingerprint's it may not.
+    settings = {"optimizer": cfg.optimizer, "lr_scheduler": cfg.lr_scheduler, "epochs": cfg.epochs,
+                "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "clip_grad_norm": cfg.get("clip_grad_norm"),
+                "log_every_n_steps": cfg.log_every_n_steps, "eval_every_n_steps": cfg.get("eval_every_n_steps"),
+                "save_every_n_steps": cfg.get("save_every_n_steps")}
 
     def write_adapter(folder: Path) -> None:
         base = base_model_name(checkpointer.checkpoint_dir, cfg.get("base_model_id"))  # the hub id where known
@@ -118,21 +132,21 @@ def main(cfg: DictConfig) -> None:
             checkpointer.save(merged_state_dict(model), folder / "model")
 
     def save() -> Path:
-        return save_checkpoint(output_dir, progress, write_adapter, optimizer, scheduler, fingerprint,
-                               cfg.get("keep_last_n_checkpoints"))
+        return save_checkpoint(output_dir, progress, write_adapter, optimizer, scheduler, fingerprint, settings,
+                               cfg.get("keep_last_n_checkpoints"), run.run_id)
 
     progress, saved_step = Progress(), None
-    resume = find_resume_folder(cfg.get("resume_from_checkpoint", False), output_dir)
-    if resume is not None:
-        load_adapter_into(model, resume / "adapter")
-        progress = load_training_state(resume, optimizer, scheduler, fingerprint)
+    if run.resume is not None:
+        load_adapter_into(model, run.resume / "adapter")
+        progress = load_training_state(run.resume, optimizer, scheduler, fingerprint, settings, epoch_steps)
         saved_step = progress.step
-        print(f"resumed from {resume}: step {progress.step} of {total_steps}")
+        print(f"resumed from {run.resume}: step {progress.step} of {total_steps}")
 
     reporter = StepReporter(logger, total_steps, progress.step, device, cfg.log_every_n_steps,
                             cfg.get("log_peak_memory_stats", False))
     profiler = instantiate(cfg.profiler) if cfg.get("profiler") else build_profiler()
     skip_limit = cfg.get("skip_nonfinite_steps") or 0
+    divergence_factor = cfg.get("divergence_factor", 10.0)
     model.train()
     reset_peak_memory(device)
     with reporter, profiler, StopRequest() as stop, advice_on_oom(
@@ -160,19 +174,20 @@ def main(cfg: DictConfig) -> None:
                     step_loss += loss.detach()
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in adapters if p.grad is not None])
 
-                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop.
-                if is_finite(step_loss, grad_norm):
+                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop; nor does a
+                # loss far above its recent history (divergence_factor): stop.
+                if is_finite(step_loss, grad_norm) and not diverged(progress, step_loss, divergence_factor):
                     if cfg.get("clip_grad_norm"):
                         torch.nn.utils.clip_grads_with_norm_(adapters, cfg.clip_grad_norm, grad_norm)
                     optimizer.step()
                 else:
                     samples = step_sample_indices(loader, epoch, progress.step_in_epoch, accumulation)
-                    progress, message = skip_nonfinite_step(progress, skip_limit, step_loss, grad_norm, samples,
-                                                            output_dir)
+                    progress, message = skip_or_stop(progress, skip_limit, divergence_factor, step_loss, grad_norm,
+                                                     samples, output_dir)
                     reporter.note(message)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                progress = progress.advanced(epoch_steps)
+                progress = progress.advanced(epoch_steps, step_loss)
 
                 reporter.report(progress.step, epoch, step_loss, optimizer.param_groups[0]["lr"], num_labels, started,
                                 grad_norm, progress.skipped_steps)
@@ -187,7 +202,9 @@ def main(cfg: DictConfig) -> None:
                     saved_step = progress.step
 
     final = output_dir / f"step_{progress.step}"
-    merged = f", {final / 'model'} (merged, HF layout)" if cfg.get("save_merged_model", False) else ""
+    if checkpoint_lacks(final, ["adapter", "model"] if cfg.get("save_merged_model", False) else ["adapter"]):
+        save()  # resumed at the last step from another folder, or from a checkpoint without the merged model
+    merged = f", {final / 'model'} (merged, HF layout)" if (final / "model").is_dir() else ""
     print(f"done: {final / 'adapter'} (peft layout){merged}")
 
 

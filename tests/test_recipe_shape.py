@@ -14,7 +14,7 @@ TUNELITE = Path(__file__).resolve().parent.parent / "tunelite"
 # Rooms from the top down (DESIGN.md): a module may import its own room and the rooms below it only.
 LEVEL = {"cli": 0, "recipes": 1, "training": 2, "generation": 2, "serving": 2, "hub": 2, "export": 2,
          "distributed": 3, "checkpointing": 4, "data": 4, "tokenizers": 4, "models": 4, "modules": 5, "runtime": 6,
-         "config": 7, "recipe_registry": 7, "errors": 8, "assets": 8}
+         "config": 7, "recipe_registry": 7, "errors": 8, "files": 8, "assets": 8}
 
 
 def keys_read(script: Path) -> set[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelite.errors import ConfigError
+from tunelite.files import MAX_CONFIG_BYTES, read_bounded
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def recipe_script(name: str) -> Path:
 def read_declarations(script: Path) -> RecipeDeclarations:
     """CONFIG_KEYS and MEMORY of a recipe script, read from its source as literals."""
     try:
-        tree = ast.parse(Path(script).read_text(), filename=str(script))
+        tree = ast.parse(read_bounded(script, MAX_CONFIG_BYTES, "recipe script", ConfigError), filename=str(script))
     except SyntaxError as error:
         raise ConfigError(f"{script}:{error.lineno}: the recipe is not valid Python ({error.msg})") from None
     found: dict[str, Any] = {}
@@ -167,7 +168,8 @@ def recipe_of_config(config: Path) -> str | None:
     for recipe in RECIPES:
         if any((configs_dir() / f"{name}.yaml").resolve() == config for name in recipe.configs):
             return recipe.name
-    comments = [line for line in config.read_text(errors="replace").splitlines() if line.lstrip().startswith("#")]
+    text = read_bounded(config, MAX_CONFIG_BYTES, "config file", ConfigError).decode("utf-8", errors="replace")
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
     for line in comments:
         match = _RUN_COMMAND.search(line)
         if match and (get_recipe(match.group(1)) or match.group(1).endswith(".py")):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunelite.errors import CheckpointError
+from tunelite.files import read_json
 
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
@@ -88,10 +89,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {folder} was not written by tunelite or is incomplete")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); resume from an earlier step_* folder") from e
+    manifest = read_json(path, "checkpoint manifest", CheckpointError)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(e, dict) and set(e) == {"size", "sha256"}
                                               for e in files.values()):

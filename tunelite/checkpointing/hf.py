@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tunelite.errors import CheckpointError
+from tunelite.files import read_json
 from tunelite.models.decoder import ModelArgs
 from tunelite.models.hf_config import (
     SUPPORTED_MODEL_TYPES,
@@ -194,8 +195,7 @@ def weight_files(checkpoint_dir: Path, checkpoint_files: list[str] | None = None
     if checkpoint_files:
         files = [folder / f for f in checkpoint_files]
     elif (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        files = [folder / f for f in sorted(set(index["weight_map"].values()))]
+        files = [folder / f for f in sorted(set(read_weight_map(folder).values()))]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -212,6 +212,17 @@ def weight_files(checkpoint_dir: Path, checkpoint_files: list[str] | None = None
         if not f.is_file():
             raise CheckpointError(f"{f} is missing: the checkpoint folder is incomplete; download it again")
     return files
+
+
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """Which file holds each tensor, from a sharded folder's index, its size bounded; a damaged index is named."""
+    path = Path(folder) / INDEX_FILE
+    index = read_json(path, "safetensors index", CheckpointError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+        raise CheckpointError(f"{path} is damaged (no `weight_map` of tensor names to file names in the folder); "
+                              "re-download the checkpoint")
+    return weight_map
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -257,7 +268,7 @@ def save_hf_state_dict(
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     index_path = Path(source_dir or out_dir) / INDEX_FILE
     if source_dir is not None and index_path.is_file():
-        source_map = json.loads(index_path.read_text())["weight_map"]
+        source_map = read_weight_map(Path(source_dir))
         files = sorted(set(source_map.values()))
         shards: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
         for key, value in hf_state.items():

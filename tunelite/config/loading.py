@@ -5,6 +5,7 @@ on the command line and `lr: 1e-4` in a file both give a float.
 """
 
 import difflib
+import io
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -17,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tunelite import recipe_registry
 from tunelite.errors import ConfigError
+from tunelite.files import MAX_CONFIG_BYTES, read_bounded
 
 
 class _OverrideValueLoader(yaml.SafeLoader):
@@ -80,10 +82,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML path or a built-in name from `tunelite ls`")
+    text = read_bounded(path, MAX_CONFIG_BYTES, "config file", ConfigError).decode("utf-8", errors="replace")
     try:
-        cfg = OmegaConf.load(path)
+        cfg = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML: {getattr(error, 'problem', None) or error}{where}") from None
+    except OSError:  # OmegaConf's word for a file holding a single value
+        raise ConfigError(f"{path} must hold a mapping of keys at the top level, not a single value") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of keys at the top level, not a list")
     apply_overrides(cfg, overrides)

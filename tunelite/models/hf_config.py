@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tunelite.errors import CheckpointError, ConfigError
+from tunelite.files import read_json
 from tunelite.models.builders import lora_args
 from tunelite.models.decoder import LongRopeScaling, ModelArgs, RopeScaling, TransformerDecoder, decoder, lora_decoder
 
@@ -28,10 +29,11 @@ def read_hf_config(checkpoint_dir: Path) -> dict:
             f"{path} not found: checkpoint_dir must be a Hugging Face model folder (config.json and "
             "*.safetensors), e.g. what `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct` writes"
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from e
+    config = read_json(path, "model config", CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (a Hugging Face model config); "
+                              "re-download the checkpoint")
+    return config
 
 
 def _field(hf: dict, key: str, source: str) -> Any:

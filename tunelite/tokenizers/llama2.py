@@ -6,7 +6,7 @@ import sentencepiece
 
 from tunelite.errors import ConfigError, DataError
 from tunelite.tokenizers.llama3 import is_tiktoken_bpe
-from tunelite.tokenizers.messages import Message, check_tokenizer_file, truncate
+from tunelite.tokenizers.messages import Message, check_tokenizer_file, read_head, truncate
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -20,10 +20,9 @@ class Llama2Tokenizer:
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(file))
         except (RuntimeError, OSError) as err:
-            data = file.read_bytes()
             hint = (
                 "it is a Llama 3 tiktoken BPE file; build it with llama3_tokenizer instead"
-                if is_tiktoken_bpe(data)
+                if is_tiktoken_bpe(read_head(file))
                 else "expected Meta's Llama 2 SentencePiece tokenizer.model"
             )
             raise ConfigError(f"llama2_tokenizer: cannot read {file}: {hint}") from err

@@ -14,7 +14,8 @@ import sentencepiece
 import tiktoken
 
 from tunelite.errors import ConfigError, DataError
-from tunelite.tokenizers.messages import Message, check_tokenizer_file, truncate
+from tunelite.files import bounded_lines
+from tunelite.tokenizers.messages import Message, check_tokenizer_file, read_head, truncate
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -42,6 +43,8 @@ _NAMED_SPECIAL_TOKENS = (
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(rf"\s{{{_MAX_RUN_CHARS + 1},}}|\S{{{_MAX_RUN_CHARS + 1},}}")
+# A `base64(token) rank` line is under 200 bytes in every tiktoken file we know; longer is no such line.
+_MAX_LINE = 4096
 
 
 def llama3_special_tokens(base_vocab_size: int) -> dict[str, int]:
@@ -100,9 +103,9 @@ def load_bpe_ranks(path: str) -> dict[bytes, int]:
     after the file at that path is rewritten (checked with tiktoken 0.14).
     """
     file = check_tokenizer_file(path, "llama3_tokenizer")
-    data = file.read_bytes()
+    data = read_head(file)  # for the hints of an error: which format the file is in
     ranks: dict[bytes, int] = {}
-    for number, line in enumerate(data.splitlines(), start=1):
+    for number, line in enumerate(bounded_lines(file, _MAX_LINE, "tokenizer file", ConfigError), start=1):
         if not line.strip():
             continue
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelite.errors import ConfigError, DataError
+from tunelite.files import MAX_TOKENIZER_BYTES, check_size
 
 ROLES = ("system", "user", "assistant", "ipython")
 TRAIN_ON = ("assistant", "all")
@@ -80,4 +81,10 @@ def check_tokenizer_file(path: str, builder: str) -> Path:
             f"{builder}: tokenizer file {path} {where}; pass the path of the model's "
             "tokenizer.model (Meta checkpoints keep it in original/tokenizer.model)"
         )
-    return file
+    return check_size(file, MAX_TOKENIZER_BYTES, "tokenizer file", ConfigError)
+
+
+def read_head(file: Path, size: int = 4096) -> bytes:
+    """The first bytes of a file, enough to tell its format by."""
+    with open(file, "rb") as head:
+        return head.read(size)

@@ -117,6 +117,22 @@ def test_cp_overwrites_with_force(fake_builtins: Path) -> None:
     dest.write_text("my edits\n")
     assert main(["cp", "demo/tiny", str(dest), "--force"]) == 0
     assert dest.read_text() == "batch_size: 1\n"
+    assert sorted(p.name for p in fake_builtins.iterdir()) == ["mine.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+@pytest.mark.parametrize("target_exists", [True, False], ids=["link", "dangling-link"])
+def test_cp_never_writes_through_a_symbolic_link(fake_builtins: Path, force: list[str], target_exists: bool,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake_builtins.parent / "elsewhere" / "authorized_keys"
+    target.parent.mkdir()
+    if target_exists:
+        target.write_text("precious\n")
+    (fake_builtins / "mine.yaml").symlink_to(target)
+    assert main(["cp", "demo/tiny", str(fake_builtins / "mine.yaml"), *force]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert (target.read_text() == "precious\n") if target_exists else not target.exists()
+    assert (fake_builtins / "mine.yaml").is_symlink()
 
 
 def test_cp_creates_missing_parents_only_with_make_parents(

@@ -2,7 +2,8 @@
 
 import argparse
 import difflib
-import shutil
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,40 @@ def copy_builtin(args: argparse.Namespace) -> int:
         dest = dest / source.name
     elif not dest.suffix:
         dest = dest.with_suffix(source.suffix)
+    if dest.is_symlink():
+        # Writing would land wherever the link points (a dangling one creates its target): refused,
+        # --force or not.
+        raise TuneliteError(f"{dest} is a symbolic link (to {os.readlink(dest)}); tunelite cp never writes through "
+                            "one: remove the link or choose another destination")
     if dest.exists() and not args.force:
         raise TuneliteError(f"{dest} already exists; pass --force to overwrite it")
     if not dest.parent.is_dir():
         if not args.make_parents:
             raise TuneliteError(f"folder {dest.parent} does not exist; pass --make-parents to create it")
         dest.parent.mkdir(parents=True)
-    shutil.copyfile(source, dest)
+    write_replacing(dest, source.read_bytes())
     print(f"Copied {args.name} to {dest}")
     return 0
+
+
+def write_replacing(dest: Path, data: bytes) -> None:
+    """Writes `data` to a new file beside `dest` and renames it over `dest`: a rename replaces a link
+    put there meanwhile instead of following it, and `dest` is never left half-written."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def builtin_source(name: str) -> Path:

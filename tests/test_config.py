@@ -145,6 +145,7 @@ def test_unknown_asset_is_reported_with_its_key(tmp_path: Path) -> None:
 
 def test_instantiate_builds_nested_components_and_plain_containers() -> None:
     cfg = OmegaConf.create({
+        "trusted_components": ["types", "datetime", "fractions"],
         "thing": {
             "_component_": "types.SimpleNamespace",
             "delay": {"_component_": "datetime.timedelta", "days": 2},
@@ -171,6 +172,7 @@ def test_instantiate_passes_recipe_args_and_kwargs_over_config() -> None:
 def test_instantiate_resolves_interpolations_against_the_whole_config() -> None:
     cfg = OmegaConf.create({
         "output_dir": "/tmp/run",
+        "trusted_components": ["types"],
         "logger": {"_component_": "types.SimpleNamespace", "log_dir": "${output_dir}/logs"},
     })
     assert instantiate(cfg.logger).log_dir == "/tmp/run/logs"
@@ -199,13 +201,14 @@ def test_instantiate_misspelt_key_names_full_key_path_and_close_match() -> None:
 
 
 def test_instantiate_missing_argument_is_config_error_naming_the_key() -> None:
-    cfg = OmegaConf.create({"greeting": {"_component_": "string.Template"}})
+    cfg = OmegaConf.create({"trusted_components": ["string"], "greeting": {"_component_": "string.Template"}})
     with pytest.raises(ConfigError, match="add greeting.template to the config"):
         instantiate(cfg.greeting)
 
 
 def test_type_error_raised_inside_the_component_is_not_rewritten() -> None:
-    cfg = OmegaConf.create({"ratio": {"_component_": "fractions.Fraction", "numerator": [1]}})
+    cfg = OmegaConf.create({"trusted_components": ["fractions"],
+                            "ratio": {"_component_": "fractions.Fraction", "numerator": [1]}})
     with pytest.raises(TypeError):
         instantiate(cfg.ratio)
 
@@ -226,6 +229,7 @@ def test_validate_accepts_config_whose_components_and_keys_exist() -> None:
     cfg = OmegaConf.create({
         "output_dir": "/tmp/run",
         "batch_size": 2,
+        "trusted_components": ["types"],
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3},
         "loss": {"_component_": "torch.nn.CrossEntropyLoss", "ignore_index": -100},
         "metric_logger": [{"_component_": "types.SimpleNamespace", "log_dir": "${output_dir}/logs", "anything": 1}],
@@ -237,6 +241,7 @@ def test_validate_reports_every_problem_with_key_path_and_close_match() -> None:
     cfg = OmegaConf.create({
         "batch_sise": 2,
         "max_grad_norm": 1.0,
+        "trusted_components": ["string"],
         "model": {"_component_": "torch.nn.Linear", "in_features": 2, "out_featurs": 3},
         "optimizer": {"_component_": "torch.optim.AdamWW", "lr": 1e-3},
         "metric_logger": [{"_component_": "string.Template", "templat": "x"}],
@@ -266,19 +271,19 @@ def test_validate_imports_components_without_calling_them(tmp_path: Path, monkey
         "def build(size: int) -> None:\n    raise AssertionError('validate_config must not call components')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    validate_config(OmegaConf.create({"output_dir": "x", "model": {"_component_": "exploding_component.build",
-                                                                  "size": 3}}), KEYS)
+    validate_config(OmegaConf.create({"output_dir": "x", "trusted_components": ["exploding_component"],
+                                      "model": {"_component_": "exploding_component.build", "size": 3}}), KEYS)
     assert "exploding_component" in sys.modules
 
 
-def test_parse_recipe_args_applies_overrides_and_resolves_interpolations(config_file: Path) -> None:
+def test_parse_recipe_args_applies_overrides_and_keeps_interpolations_until_read(config_file: Path) -> None:
     config_file.write_text(BASE_YAML + "log_dir: ${output_dir}/logs\n")
     keys = RecipeKeys("a_recipe", ("output_dir", "batch_size", "model", "optimizer", "log_dir"))
     cfg = parse_recipe_args(keys, ["--config", str(config_file), "batch_size=8", "output_dir=/tmp/other"])
     assert isinstance(cfg, DictConfig)
     assert cfg.batch_size == 8
-    assert not OmegaConf.is_interpolation(cfg, "log_dir")
     assert cfg.log_dir == "/tmp/other/logs"
+    assert OmegaConf.is_interpolation(cfg, "log_dir")  # as written, for the loggers: never a resolved secret
 
 
 def test_parse_recipe_args_rejects_a_typo_before_anything_is_built(config_file: Path) -> None:

@@ -56,7 +56,7 @@ def declared(recipe: str) -> RecipeDeclarations:
 
 
 def load(recipe: str, name: str, overrides: list[str] = ()):
-    return load_recipe_config(name, declared(recipe).keys, overrides)
+    return load_recipe_config(name, declared(recipe).keys, overrides, check_paths=False)  # as `tunelite estimate` loads it
 
 
 def estimate(config_only: Path, kind: str, *overrides: str):

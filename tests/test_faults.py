@@ -46,7 +46,7 @@ from tunelite.checkpointing.hf import load_hf_state_dict
 from tunelite.config import asset_path, instantiate, load_config, resolve_config_path
 from tunelite.data.sampler import ResumableSampler
 
-NAN_LOSS = FAULTY_LOSS
+NAN_LOSS = (FAULTY_LOSS,)
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -159,7 +159,7 @@ def test_a_nonfinite_loss_stops_the_run_naming_step_and_samples_without_checkpoi
     tmp_path, uninterrupted, capsys
 ):
     out = tmp_path / "run"
-    assert main(run_args(out, NAN_LOSS, "+loss.nan_loss_at=[7]")) == 2
+    assert main(run_args(out, *NAN_LOSS, "+loss.nan_loss_at=[7]")) == 2
     message = capsys.readouterr().err
     assert f"{step_named(7)}: the loss is nan, the gradient norm nan; the optimizer did not step" in message
     assert f"The newest complete checkpoint is {out / 'step_5'}" in message
@@ -172,7 +172,7 @@ def test_skip_nonfinite_steps_skips_that_many_while_data_and_schedule_move_on_th
     tmp_path, uninterrupted, capsys
 ):
     out = tmp_path / "run"
-    assert main(run_args(out, NAN_LOSS, "+loss.nan_loss_at=[7,9]", "+skip_nonfinite_steps=1")) == 2
+    assert main(run_args(out, *NAN_LOSS, "+loss.nan_loss_at=[7,9]", "+skip_nonfinite_steps=1")) == 2
     message = capsys.readouterr().err
     assert f"{step_named(7)}: the loss is nan, the gradient norm nan; skipped (1 of skip_nonfinite_steps: 1)" in message
     assert f"{step_named(9)}: the loss is nan" in message and "(now 1, 1 skipped)" in message
@@ -189,7 +189,7 @@ def test_skip_nonfinite_steps_skips_that_many_while_data_and_schedule_move_on_th
 def full_run(out: Path, *extra: str) -> int:
     """Two steps of the full fine-tune recipe on the tiny model, a checkpoint after each."""
     return main(["run", "full_finetune_single_device", "--config", "tiny/full_cpu", f"output_dir={out}", "epochs=1",
-                 "max_steps_per_epoch=2", "save_every_n_steps=1", "keep_last_n_checkpoints=null", NAN_LOSS, *extra])
+                 "max_steps_per_epoch=2", "save_every_n_steps=1", "keep_last_n_checkpoints=null", *NAN_LOSS, *extra])
 
 
 def weights_and_optimizer_state(folder: Path) -> tuple[dict[str, torch.Tensor], Any]:

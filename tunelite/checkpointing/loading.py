@@ -50,7 +50,7 @@ def load_checkpoint_into(
                           f"later: Ada, Hopper, Blackwell); {name} has none. Use base_dtype: bf16, or a qlora_ model "
                           "for less memory")
     state = {}
-    for key, value in checkpointer.load(model.args).items():
+    for key, value in load_fitting(model, checkpointer).items():
         value = value.to(device=device, dtype=dtype)
         if key in in_fp8:
             pieces = fp8.quantize_weight(value)
@@ -59,6 +59,23 @@ def load_checkpoint_into(
             state[key] = quantize_nf4(value) if key in quantized else value
     assign_checkpoint(model, state, checkpointer.checkpoint_dir, device, dtype)
     return model
+
+
+def load_fitting(model: nn.Module, checkpointer: HFCheckpointer) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (memory-mapped, not yet read), once each is known to have the
+    shape of the model's tensor of that name: weights that disagree with their own config.json
+    are named here, not in a size mismatch from inside torch."""
+    state = checkpointer.load(model.args)
+    expected = model.state_dict()
+    wrong = [f"{key} is {tuple(value.shape)}, the model's {tuple(expected[key].shape)}"
+             for key, value in state.items() if key in expected and value.shape != expected[key].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{checkpointer.checkpoint_dir}: weights do not fit the model its config.json describes: "
+            f"{'; '.join(wrong[:3])}{'...' if len(wrong) > 3 else ''}; the weight files are from another model "
+            "or damaged: download the checkpoint again"
+        )
+    return state
 
 
 def assign_checkpoint(

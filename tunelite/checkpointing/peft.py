@@ -16,6 +16,8 @@ from torch import nn
 
 from tunelite.checkpointing.atomic import verify_written_files
 from tunelite.checkpointing.hf import ADAPTERS, read_safetensors
+from tunelite.config.values import ARGUMENT_RANGES, value_problem
+from tunelite.files import read_json
 from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
 from tunelite.models.decoder import LoRAArgs, ModelArgs, attention_projections, mlp_projections
@@ -62,14 +64,23 @@ def load_peft_adapter(folder: Path, model_type: str = "llama") -> tuple[dict[str
 
 
 def read_adapter_config(folder: Path) -> dict:
-    """A peft adapter folder's adapter_config.json; a missing or unreadable file is named."""
+    """A peft adapter folder's adapter_config.json, its size bounded and its rank, alpha and dropout
+    checked (a rank of 1e9 would ask for terabytes); a missing or unusable file is named."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a peft adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    config = read_json(path, "adapter config", CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (peft's LoraConfig), not {type(config).__name__}")
+    # peft's names for the LoRA builders' lora_rank, lora_alpha and lora_dropout, checked against their ranges.
+    checked = {"r": ("lora_rank", "int"), "lora_alpha": ("lora_alpha", "float"),
+               "lora_dropout": ("lora_dropout", "float")}
+    for key, (argument, spec) in checked.items():
+        if key in config or key != "lora_dropout":  # peft always writes r and lora_alpha
+            problem = value_problem(key, config.get(key), spec, ARGUMENT_RANGES[argument])
+            if problem:
+                raise CheckpointError(f"{path}: {problem}")
+    return config
 
 
 def lora_args_from_adapter_config(folder: Path, args: ModelArgs) -> LoRAArgs:
@@ -97,9 +108,6 @@ def lora_args_from_adapter_config(folder: Path, args: ModelArgs) -> LoRAArgs:
     if mlp_adapted and len(mlp_adapted) != len(mlp):
         raise CheckpointError(f"{path}: adapters on {[layout.target_name(m) for m in mlp_adapted]} only; tunelite "
                               f"puts them on all of {[layout.target_name(m) for m in mlp]} or on none")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
-        raise CheckpointError(f"{path}: r and lora_alpha must be numbers, got r={config.get('r')!r}, "
-                              f"lora_alpha={config.get('lora_alpha')!r}")
     return LoRAArgs(
         lora_attn_modules=tuple(m.removeprefix("attn.") for m in attention if m in adapted),
         apply_lora_to_mlp=bool(mlp_adapted),

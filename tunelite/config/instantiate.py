@@ -11,7 +11,7 @@ import inspect
 import pkgutil
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -19,17 +19,36 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tunelite.config.loading import interpolation_error
+from tunelite.config.signatures import Signature, signature_of
+from tunelite.config.trust import building_with, config_trust, untrusted_problem
+from tunelite.config.values import COMPONENT_KEY, argument_constraint, value_problem
 from tunelite.errors import ConfigError
 
-COMPONENT_KEY = "_component_"
+
+def component_where(key_path: str) -> str:
+    """The key of a node's `_component_`, as messages name it."""
+    return f"{key_path}.{COMPONENT_KEY}" if key_path else COMPONENT_KEY
 
 
-def resolve_component(dotted: Any, key_path: str) -> Callable[..., Any]:
-    """Import the callable a `_component_` names; on failure say which key and suggest a close name."""
-    where = f"{key_path}.{COMPONENT_KEY}" if key_path else COMPONENT_KEY
+def check_component_name(dotted: Any, key_path: str, trusted: Sequence[str] | None = None) -> str:
+    """`dotted` once it is known to be a dotted path from a trusted package, else a ConfigError
+    naming the key: nothing is imported for an untrusted one. `trusted`: the user's packages (by
+    default those of the config being built)."""
+    where = component_where(key_path)
     parts = dotted.split(".") if isinstance(dotted, str) else []
     if not parts or not all(part.isidentifier() for part in parts):
         raise ConfigError(f"{where}: {dotted!r} is not a dotted path to a callable, like torch.optim.AdamW")
+    problem = untrusted_problem(dotted, where, trusted)
+    if problem:
+        raise ConfigError(problem)
+    return dotted
+
+
+def resolve_component(dotted: Any, key_path: str, trusted: Sequence[str] | None = None) -> Callable[..., Any]:
+    """Import the callable a `_component_` names, once its package is trusted; on failure say which
+    key and suggest a close name."""
+    where = component_where(key_path)
+    parts = check_component_name(dotted, key_path, trusted).split(".")
     for depth in range(len(parts), 0, -1):
         module_name = ".".join(parts[:depth])
         try:
@@ -70,29 +89,24 @@ def _suggest(parts: list[str], index: int, candidates: list[str]) -> str:
     return f"; did you mean {'.'.join([*parts[:index], close[0], *parts[index + 1:]])}?"
 
 
-def accepted_keywords(fn: Callable[..., Any]) -> list[str] | None:
-    """Names a config may set on `fn`, or None when any name goes (**kwargs or no signature)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def unknown_key_problems(fn: Callable[..., Any], dotted: str, keys: list[str], key_path: str) -> list[str]:
-    """One message per key that `fn` does not take, with its full key path and a close match."""
-    accepted = accepted_keywords(fn)
-    if accepted is None:
-        return []
+def argument_problems(dotted: str, signature: Signature, arguments: dict[str, Any], key_path: str) -> list[str]:
+    """One message per config argument of `dotted` that it does not take (with a close match), or
+    whose value is of the wrong type or out of range, each with its full key path."""
     prefix = f"{key_path}." if key_path else ""
+    accepted = signature.keywords
     problems = []
-    for key in keys:
-        if key not in accepted:
+    for key, value in arguments.items():
+        parameter = signature.parameter(key)
+        if parameter is None or parameter.kind not in ("either", "keyword"):
+            if signature.open:
+                continue
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"it takes: {', '.join(accepted) or 'no keywords'}"
             problems.append(f"{prefix}{key}: not a parameter of {dotted} ({hint})")
+            continue
+        problem = value_problem(prefix + key, value, parameter.type, argument_constraint(dotted, key))
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -114,7 +128,8 @@ def instantiate(node: DictConfig | dict[str, Any], *args: Any, **kwargs: Any) ->
         raise interpolation_error(error) from None
     if not isinstance(plain, dict) or COMPONENT_KEY not in plain:
         raise ConfigError(f"{key_path or 'config node'}: has no {COMPONENT_KEY}; add one naming the callable to build")
-    return _build(plain, key_path, args, kwargs)
+    with building_with(config_trust(node)):
+        return _build(plain, key_path, args, kwargs)
 
 
 def _to_plain(value: Any) -> Any:
@@ -141,18 +156,16 @@ def _build(node: dict[str, Any], key_path: str, args: tuple[Any, ...], kwargs: d
     dotted = node[COMPONENT_KEY]
     fn = resolve_component(dotted, key_path)
     config_kwargs = {key: value for key, value in node.items() if key != COMPONENT_KEY}
-    problems = unknown_key_problems(fn, dotted, [k for k in config_kwargs if k not in kwargs], key_path)
+    signature = signature_of(fn)
+    problems = argument_problems(dotted, signature, {k: v for k, v in config_kwargs.items() if k not in kwargs},
+                                 key_path)
     if problems:
         raise ConfigError("; ".join(problems))
     built = {key: _build_value(value, _join(key_path, key)) for key, value in config_kwargs.items()}
     built.update(kwargs)
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None:
+    if not signature.open or signature.parameters:
         try:
-            signature.bind(*args, **built)
+            inspect.signature(fn).bind(*args, **built)
         except TypeError as error:
             fix = _binding_fix(error, key_path)
             raise ConfigError(f"{key_path or 'config'}: cannot call {dotted}: {error}; {fix}") from None

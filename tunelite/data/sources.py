@@ -6,7 +6,6 @@ Every row remembers where it came from, so an error can name the file and the pl
 """
 
 import csv
-import glob
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -14,15 +13,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tunelite.config.paths import DATASET_FORMATS, dataset_files
 from tunelite.errors import ConfigError, DataError
 
-FORMATS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 DOCUMENT_SPLITS = ("file", "blank_lines")
 
-# `owner/name` as the Hugging Face hub spells dataset names.
-_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
-_GLOB_CHARS = re.compile(r"[*?[]")
 
 
 class SourceRow(NamedTuple):
@@ -56,22 +52,10 @@ def load_rows(source: str, split: str = "train", document_split: str = "file") -
     """
     if document_split not in DOCUMENT_SPLITS:
         raise ConfigError(f"document_split must be one of {', '.join(DOCUMENT_SPLITS)}, got {document_split!r}")
-    if _GLOB_CHARS.search(source):
-        paths = sorted(p for p in glob.glob(source, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise DataError(f"dataset source {source} matches no files")
-        return [row for path in paths for row in _read_file(Path(path), document_split)]
-    path = Path(source)
-    if path.is_dir():
-        raise DataError(f"dataset source {source} is a folder; name its files with a glob, like {path / '*.jsonl'}")
-    if path.is_file():
-        return _read_file(path, document_split)
-    if _HUB_NAME.fullmatch(source) and path.suffix not in FORMATS:
+    files = dataset_files(source)
+    if files is None:
         return _read_hub(source, split)
-    raise DataError(
-        f"dataset source {source} does not exist; give a local file ({', '.join(FORMATS)}), "
-        "a glob like data/*.jsonl, or a Hugging Face dataset name like tatsu-lab/alpaca"
-    )
+    return [row for path in files for row in _read_file(path, document_split)]
 
 
 def text_value(row: SourceRow, column: str, required: bool = True) -> str:
@@ -87,8 +71,8 @@ def text_value(row: SourceRow, column: str, required: bool = True) -> str:
 
 
 def _read_file(path: Path, document_split: str) -> list[SourceRow]:
-    if path.suffix not in FORMATS:
-        raise DataError(f"{path}: unknown data format {path.suffix!r}; accepted: {', '.join(FORMATS)}")
+    if path.suffix not in DATASET_FORMATS:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; accepted: {', '.join(DATASET_FORMATS)}")
     empty = DataError(f"{path} is empty: a dataset needs at least one row")
     if path.suffix == ".parquet":
         if path.stat().st_size == 0:

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tunelite.checkpointing.hf import HFCheckpointer
-from tunelite.checkpointing.loading import assign_checkpoint, nf4_weight_names
+from tunelite.checkpointing.loading import assign_checkpoint, load_fitting, nf4_weight_names
 from tunelite.models.llama import TransformerDecoder
 from tunelite.modules.lora import ADAPTER_SUFFIXES, LoRALinear
 from tunelite.modules.nf4 import dequantize, quantize_nf4
@@ -77,7 +77,7 @@ def load_sharded_checkpoint(
     quantized = nf4_weight_names(model)
     shards = model.state_dict()
     state = {}
-    for key, value in checkpointer.load(model.args).items():
+    for key, value in load_fitting(model, checkpointer).items():
         if key in quantized:
             state[key] = local_shard(quantize_nf4(value.to(device=device, dtype=dtype), shards=world_size), shards[key])
         else:

@@ -6,6 +6,7 @@ numbers, never by copied builder code.
 
 from typing import Callable
 
+from tunelite.config.values import check_arguments
 from tunelite.errors import ConfigError
 from tunelite.models.decoder import LoRAArgs, ModelArgs, TransformerDecoder, decoder, lora_decoder
 
@@ -52,6 +53,9 @@ def lora_builder(args: ModelArgs, name: str, quantize_base: bool = False) -> Cal
         lora_dropout: float = 0.0,
         base_dtype: str | None = None,
     ) -> TransformerDecoder:
+        # A config's values were checked when it was validated; a call from Python is checked here.
+        check_arguments(f"tunelite.models.{name}", {"lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                                                    "lora_dropout": lora_dropout}, "model")
         return lora_decoder(args, lora_args(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
                                             lora_alpha, lora_dropout, quantize_base, base_dtype))
 

@@ -9,18 +9,8 @@ Exit code 1 when it does not fit.
 import argparse
 from typing import Any
 
-import torch
-
 from tunelite import recipe_registry
-from tunelite.config import load_recipe_config
-from tunelite.training.memory_estimate import (
-    estimate_memory,
-    fitting_overrides,
-    gib,
-    merge_overrides,
-    parse_memory_size,
-    recipe_memory,
-)
+from tunelite.config import add_trust_option, load_recipe_config
 
 
 def add_parser(subcommands: Any) -> None:
@@ -35,16 +25,29 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
     parser.add_argument("--gpu-memory", help="the card's memory, e.g. 24GB (default: this machine's GPU, if any)")
     parser.add_argument("--seq-len", type=int, help="longest sample in tokens (default: tokenizer.max_seq_len)")
+    add_trust_option(parser)
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
     parser.set_defaults(handler=estimate)
 
 
 def estimate(args: argparse.Namespace) -> int:
     """Print the breakdown and the verdict; 0 when it fits (or no card is known), 1 when not."""
+    import torch  # here, not at the top: `tunelite ls` and `--help` should not wait for torch
+
+    from tunelite.training.memory_estimate import (
+        estimate_memory,
+        fitting_overrides,
+        gib,
+        merge_overrides,
+        parse_memory_size,
+        recipe_memory,
+    )
+
     overrides = [*args.overrides, *([f"tokenizer.max_seq_len={args.seq_len}"] if args.seq_len else [])]
     declarations = recipe_registry.read_declarations(recipe_registry.recipe_script(args.recipe))
     recipe = recipe_memory(declarations)
-    cfg = load_recipe_config(args.config, declarations.keys, overrides)
+    # The files need not exist yet: an estimate is for deciding what to download.
+    cfg = load_recipe_config(args.config, declarations.keys, overrides, trust=args.trust, check_paths=False)
     result = estimate_memory(cfg, recipe)
     print(result.report())
     if args.gpu_memory:

@@ -9,7 +9,7 @@ import runpy
 from typing import Any
 
 from tunelite import recipe_registry
-from tunelite.config import load_recipe_config
+from tunelite.config import add_trust_option, load_recipe_config
 
 
 def add_parser(subcommands: Any) -> None:
@@ -24,6 +24,7 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--config", required=True, help="generation config (tiny/generation, generation/llama3_1_8B) "
                                                         "or a YAML path")
     parser.add_argument("--prompt", help="answer this once and exit, instead of chatting")
+    add_trust_option(parser)
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key, e.g. adapter_dir=PATH")
     parser.set_defaults(handler=generate)
 
@@ -31,7 +32,8 @@ def add_parser(subcommands: Any) -> None:
 def generate(args: argparse.Namespace) -> int:
     """Load the config, put --prompt in it, and run the generate recipe's main on it."""
     script = recipe_registry.recipe_script("generate")
-    cfg = load_recipe_config(args.config, recipe_registry.read_declarations(script).keys, args.overrides)
+    cfg = load_recipe_config(args.config, recipe_registry.read_declarations(script).keys, args.overrides,
+                             trust=args.trust)
     if args.prompt is not None:
         cfg.prompt = args.prompt
     runpy.run_path(str(script))["main"](cfg)

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from tunelite import recipe_registry
-from tunelite.config import load_config, resolve_config_path, validate_config
+from tunelite.config import add_trust_option, load_recipe_config, resolve_config_path
 from tunelite.errors import ConfigError
 from tunelite.runtime.command_line import recorded_command_line
 
@@ -38,6 +38,7 @@ def add_parser(subcommands: Any) -> None:
     torchrun.add_argument("--standalone", action="store_true", help="passed to torchrun as --standalone")
     parser.add_argument("recipe", help="recipe name (see `tunelite ls`) or a path to a .py recipe script")
     parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
+    add_trust_option(parser)
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
     parser.set_defaults(handler=run_recipe)
 
@@ -55,12 +56,13 @@ def run_recipe(args: argparse.Namespace) -> int:
         )
     script = recipe_registry.recipe_script(args.recipe)
     config = resolve_config_path(args.config)
-    command = [str(script), "--config", str(config), *args.overrides]
-    with recorded_command_line(["tunelite", "run", *launch, args.recipe, "--config", args.config, *args.overrides]):
+    trust = [item for package in args.trust for item in ("--trust", package)]
+    command = [str(script), "--config", str(config), *trust, *args.overrides]
+    typed = ["tunelite", "run", *launch, args.recipe, "--config", args.config, *trust, *args.overrides]
+    with recorded_command_line(typed):
         if not launch:
             return run_in_process(command)
-        keys = recipe_registry.read_declarations(script).keys
-        validate_config(load_config(config, args.overrides), keys, source=config)
+        load_recipe_config(config, recipe_registry.read_declarations(script).keys, args.overrides, trust=args.trust)
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, *command]).returncode
 
 

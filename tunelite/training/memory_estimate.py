@@ -233,7 +233,11 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward."""
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    check_model_matches(model.args, Path(cfg.checkpointer.checkpoint_dir))
+    # Without the checkpoint (yet), the builder's own sizes: an estimate helps decide what to download.
+    config_json = Path(cfg.checkpointer.checkpoint_dir) / "config.json"
+    found = config_json.is_file()
+    if found:
+        check_model_matches(model.args, config_json.parent)
     args: ModelArgs = model.args
     dtype = get_dtype(cfg.dtype, torch.device("meta"))
     p = dtype.itemsize
@@ -311,6 +315,8 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
         OVERHEAD: f"{gib(CUDA_CONTEXT)} context + {ALLOCATOR_RESERVE:.0%} allocator reserve; not in peak allocated",
     }
     notes = ["compile: True usually needs less than this eager estimate"] if cfg.get("compile") else []
+    if not found:
+        notes.append(f"no {config_json}: the sizes are those of {cfg.model._component_}, unchecked against a checkpoint")
     setup = (f"{recipe.recipe}, batch {cfg.batch_size} x {seq} tokens, {cfg.dtype}, activation checkpointing "
              f"{'on' if checkpointing else 'off'}")
     persistent = weights + adapter + state + CUBLAS_WORKSPACE

@@ -69,7 +69,10 @@ def test_the_signature_table_matches_the_code():
     current = json.loads(json.dumps(build_table()))
 
     def ours(table: dict, same_versions: bool) -> dict:
+        """tunelite's entries (torch's too at the same versions), but those of modules either machine
+        could not import (triton's kernels where there is no triton)."""
+        skipped = tuple(f"{module}." for module in shipped["skipped"] + current["skipped"])
         return {name: entry for name, entry in table["components"].items()
-                if name.startswith("tunelite.") or same_versions}
+                if (name.startswith("tunelite.") or same_versions) and not name.startswith(skipped)}
     same = shipped["versions"] == current["versions"]
     assert ours(shipped, same) == ours(current, same)

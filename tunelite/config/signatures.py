@@ -115,13 +115,19 @@ def _entry(fn: Callable[..., Any]) -> list[list[Any]]:
 
 def build_table() -> dict[str, Any]:
     """The table as the code stands: every public callable defined in tunelite's component
-    packages, under each dotted name a config can write it by, and torch's and torchao's optimizers."""
+    packages, under each dotted name a config can write it by, and torch's and torchao's optimizers.
+    A module that needs what this machine lacks (triton on a CPU) is left out, and named in `skipped`."""
     components: dict[str, list[list[Any]]] = {}
     modules = [importlib.import_module(f"tunelite.{name}") for name in TABLED_PACKAGES]
+    skipped = []
     for package in list(modules):
-        modules += [importlib.import_module(info.name)
-                    for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
-                    if not any(part.startswith("_") for part in info.name.split("."))]
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if any(part.startswith("_") for part in info.name.split(".")):
+                continue
+            try:
+                modules.append(importlib.import_module(info.name))
+            except ImportError:
+                skipped.append(info.name)
     for module in modules:
         # What a module defines, and what a package exports from its own modules (tunelite.models.lora_*).
         home = module.__name__ + ("." if hasattr(module, "__path__") else "")
@@ -137,11 +143,11 @@ def build_table() -> dict[str, Any]:
             if isinstance(obj, type) and any(base.__name__ == "Optimizer" for base in obj.__mro__[1:]):
                 components[f"{module_name}.{name}"] = _entry(obj)
     versions = {package: _version(package) for package in ("torch", "torchao")}
-    return {"versions": versions, "components": dict(sorted(components.items()))}
+    return {"versions": versions, "skipped": sorted(skipped), "components": dict(sorted(components.items()))}
 
 
 def write_table(table: dict[str, Any]) -> None:
     """Writes the table one component a line, so a change to one signature is one line of diff."""
     lines = [f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in table["components"].items()]
-    TABLE.write_text('{"versions": ' + json.dumps(table["versions"], sort_keys=True) + ',\n"components": {\n'
-                     + ",\n".join(lines) + "\n}}\n")
+    TABLE.write_text('{"versions": ' + json.dumps(table["versions"], sort_keys=True) + ',\n"skipped": '
+                     + json.dumps(table["skipped"]) + ',\n"components": {\n' + ",\n".join(lines) + "\n}}\n")

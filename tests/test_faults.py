@@ -240,6 +240,16 @@ def test_a_nonfinite_gradient_after_optimizer_in_backward_stepped_stops_whatever
 # --- a folder that cannot be written, a disk that fills up -------------------------------------
 
 
+def test_an_output_folder_that_cannot_be_created_is_refused_before_training(tmp_path, capsys):
+    # A path under a regular file: no one can create it, root included, unlike a chmod-ed folder.
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    assert main(run_args(out, f"metric_logger.1.log_dir={tmp_path / 'logs'}")) == 2
+    message = capsys.readouterr().err
+    assert f"output_dir: cannot create {out}: {tmp_path / 'a_file'} is a file, not a folder" in message
+    assert not (tmp_path / "logs").exists(), "the run trained before refusing its output folder"
+
+
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "no permission"])
 def test_an_output_folder_turning_unwritable_stops_at_the_next_checkpoint_naming_it(
     tmp_path, uninterrupted, capsys, monkeypatch, code

@@ -176,7 +176,6 @@ ARGUMENT_RANGES: dict[str, Range] = {
     "momentum": NON_NEGATIVE,
     "betas": PROBABILITY_BELOW_ONE,
     "beta": POSITIVE,
-    "label_smoothing": Range(0, 0.5),
 }
 # Packages whose components take ARGUMENT_RANGES' names in their meaning; a user's own package may
 # mean something else by `lr` or `beta`.

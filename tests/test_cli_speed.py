@@ -38,7 +38,8 @@ def imported_by(*args: str, cwd: Path) -> tuple[int, set[str]]:
     (["--help"], 0),
     (["ls"], 0),
     (["cp", "tiny/lora_cpu", "mine.yaml"], 0),
-    *[([command, "--help"], 0) for command in ("ls", "cp", "run", "validate", "generate", "estimate")],
+    *[([command, "--help"], 0) for command in ("ls", "cp", "run", "validate", "generate", "estimate", "merge", "serve",
+                                               "upload", "export")],
     (["validate", "tiny/generation"], 0),  # no model to compare with its checkpoint
     (["validate", "llama3_1/8B_lora_single_device"], 2),  # its files are not on this machine: named, fast
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)

@@ -15,8 +15,8 @@ from test_generation import _lora_model_with_trained_adapter
 from tunelite.checkpointing.merge import merge_adapter
 from tunelite.checkpointing.peft import save_peft_adapter
 from tunelite.cli.main import main
-from tunelite.hub.model_card import environment_secrets, is_secret_name, redact
 from tunelite.hub.upload import UploadError, files_to_upload
+from tunelite.runtime.secrets import environment_secrets, is_secret_name, redact
 from tunelite.serving.server import send_json
 
 HF_TOKEN = "hf_Secret0TokenValue1234567890"

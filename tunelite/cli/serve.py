@@ -9,7 +9,10 @@ throughput serve the merged folder or the adapter with vLLM (see the README).
 
 import argparse
 import runpy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from tunelite.config import add_trust_option
 
 if TYPE_CHECKING:
     from tunelite.serving import OpenAIServer
@@ -28,6 +31,7 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: adapter_dir, else "
                                                     "checkpointer.checkpoint_dir)")
+    add_trust_option(parser)
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key, e.g. adapter_dir=PATH")
     parser.set_defaults(handler=serve)
 
@@ -36,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     """Load the model the config names, then serve it until stopped."""
     from tunelite.serving import serve_until_signal
 
-    server = build_server(args.config, args.overrides, args.host, args.port, args.served_model_name)
+    server = build_server(args.config, args.overrides, args.host, args.port, args.served_model_name, args.trust)
     name = server.served.name
     host, port = server.server_address[:2]
     print(f"Serving {name!r} on http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops.\n"
@@ -48,16 +52,17 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_server(config: str, overrides: list[str], host: str, port: int, name: str | None = None) -> "OpenAIServer":
+def build_server(config: str, overrides: list[str], host: str, port: int, name: str | None = None,
+                 trust: Sequence[str] = ()) -> "OpenAIServer":
     """The server for a generation config, listening but not yet serving. `name` defaults to the
-    adapter folder, else the checkpoint folder, as given in the config."""
+    adapter folder, else the checkpoint folder, as given in the config; `trust`: --trust packages."""
     from tunelite import recipe_registry
     from tunelite.config import load_recipe_config
     from tunelite.errors import ResourceError
     from tunelite.serving import OpenAIServer, ServedModel
 
     script = recipe_registry.recipe_script("generate")
-    cfg = load_recipe_config(config, recipe_registry.read_declarations(script).keys, overrides)
+    cfg = load_recipe_config(config, recipe_registry.read_declarations(script).keys, overrides, trust=trust)
     model, tokenizer, defaults = runpy.run_path(str(script))["load"](cfg)  # as `tunelite generate` builds them
     name = name or str(cfg.get("adapter_dir") or cfg.checkpointer.checkpoint_dir)
     try:

@@ -10,7 +10,7 @@ finished card alike.
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,51 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 from tunelite.checkpointing.merge import MERGE_RECORD
 from tunelite.checkpointing.peft import ADAPTER_CONFIG, base_model_name, read_adapter_config
 from tunelite.errors import CheckpointError
+from tunelite.runtime.secrets import redact, scrub
 
-REDACTED = "<redacted>"
-# Config keys and environment variables whose values are credentials: hf_token, api_key, WANDB_API_KEY,
-# password, secret, ... (whole words between separators, so max_tokens and tokenizer are not).
-SECRET_NAME = re.compile(r"(?i)(^|[_\-.])(token|secret|password|passwd|key|apikey|api|auth|credentials?)($|[_\-.])")
-# A secret shorter than this is not searched for in text: "1" or "true" would blank out the card.
-MIN_SECRET_LENGTH = 6
 _STEP_FOLDER = re.compile(r"step_\d+")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a config key or environment variable's name says its value is a credential."""
-    return bool(SECRET_NAME.search(name))
-
-
-def environment_secrets(env: Mapping[str, str], extra: Iterable[str | None] = ()) -> list[str]:
-    """Values of the environment's secret-like variables (HF_TOKEN, WANDB_API_KEY, ...) and `extra`
-    (a --token), longest first so a secret that contains another is replaced whole."""
-    values = {v for k, v in env.items() if is_secret_name(k)} | {v for v in extra if v}
-    return sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
-
-
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """`text` with every occurrence of a secret replaced."""
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-def redact(node: Any, secrets: Sequence[str]) -> Any:
-    """A config (plain containers) with values under secret-like keys replaced and secrets scrubbed
-    from every string; an unresolved `${oc.env:NAME}` stays, as it names the variable, not its value."""
-    if isinstance(node, Mapping):
-        return {key: REDACTED if is_secret_name(str(key)) and _is_value(value) else redact(value, secrets)
-                for key, value in node.items()}
-    if isinstance(node, list):
-        return [redact(item, secrets) for item in node]
-    return scrub(node, secrets) if isinstance(node, str) else node
-
-
-def _is_value(value: Any) -> bool:
-    if isinstance(value, str):
-        return bool(value) and not value.startswith("${oc.env:")
-    return value is not None and not isinstance(value, (Mapping, list, bool))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 from tunelite.checkpointing.atomic import MANIFEST
 from tunelite.checkpointing.peft import ADAPTER_CONFIG
 from tunelite.errors import TuneliteError
-from tunelite.hub.model_card import environment_secrets, model_card, scrub
+from tunelite.hub.model_card import model_card
+from tunelite.runtime.secrets import environment_secrets, scrub
 
 CARD = "README.md"
 # Never uploaded: the run's logs (they may hold resolved secrets), pickled training state, the

@@ -1,5 +1,6 @@
 """Credentials in the environment (HF_TOKEN, WANDB_API_KEY, ...), found by their variables' names,
-so whatever tunelite writes (metric logs, the logged config, W&B) can be scrubbed of their values.
+so whatever tunelite writes (metric logs, the logged config, W&B, the model card and files
+`tunelite upload` sends) can be scrubbed of their values.
 
 The first defence is that configs are logged as written, `${oc.env:HF_TOKEN}` unresolved; this
 is the second: a value that reached a string anyway (a resolved path, a run name, an error) is

@@ -27,6 +27,7 @@ from tunelite.checkpointing.hf import (
 from tunelite.checkpointing.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, lora_args_from_adapter_config
 from tunelite.checkpointing.streamed import TensorEntry, list_tensors, read_row_blocks, write_safetensors
 from tunelite.errors import CheckpointError
+from tunelite.files import read_json
 from tunelite.modules.lora import merge_lora_state_dict
 
 # Written into the merged folder: what it was made from, for model cards (`tunelite upload`).
@@ -132,7 +133,7 @@ def _adapter_pairs(
 
 def _write_index(source_index: Path, out_dir: Path) -> None:
     """The base's index with the same tensor -> shard map and the merged shards' total size."""
-    index = json.loads(source_index.read_text())
+    index = read_json(source_index, "safetensors index", CheckpointError)
     total = sum(e.nbytes for shard in sorted(set(index["weight_map"].values()))
                 for e in list_tensors(out_dir / shard))
     index["metadata"] = {**index.get("metadata", {}), "total_size": total}
@@ -141,7 +142,7 @@ def _write_index(source_index: Path, out_dir: Path) -> None:
 
 def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     """config.json names the dtype the weights are stored in (`torch_dtype`, `dtype` in transformers 5)."""
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "model config", CheckpointError)
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
     if "dtype" in config:

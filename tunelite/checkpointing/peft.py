@@ -190,8 +190,8 @@ def base_model_name(checkpoint_dir: str | Path, base_model_id: str | None = None
     if not record.is_file():
         return str(checkpoint_dir)
     try:
-        repo_id = json.loads(record.read_text()).get("repo_id")
-    except (json.JSONDecodeError, AttributeError) as e:
+        repo_id = read_json(record, "download record", CheckpointError).get("repo_id")
+    except AttributeError as e:
         raise CheckpointError(f"{record} is not a JSON object with a repo_id ({e}); delete it, or set "
                               "base_model_id in the config") from e
     if not isinstance(repo_id, str) or not repo_id:

@@ -9,7 +9,6 @@ SentencePiece model as llama's. Tensors are read and written one at a time, so a
 needs about one tensor of memory, not the model.
 """
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ import torch
 from tunelite.checkpointing.hf import model_args_from_hf_config, read_hf_config, weight_files
 from tunelite.checkpointing.streamed import TensorEntry, list_tensors, read_tensor
 from tunelite.errors import CheckpointError
+from tunelite.files import MAX_JSON_BYTES, read_bounded, read_json
 from tunelite.models.llama import ModelArgs, rope_inverse_frequencies
 from tunelite.tokenizers.llama3 import is_tiktoken_bpe, llama3_special_tokens, load_bpe_ranks
+from tunelite.tokenizers.messages import read_head
 
 DTYPES = ("f16", "bf16", "q8_0")
 # Where a folder keeps a tokenizer file llama.cpp can be given, in the order looked at.
@@ -188,7 +189,7 @@ def _add_tokenizer(writer: Any, model_dir: Path, config: dict, tokenizer_file: P
     """Writes the tokenizer metadata; returns "gpt2" (BPE) or "llama" (SentencePiece)."""
     if not tokenizer_file.is_file():
         raise GGUFExportError(f"tokenizer file {tokenizer_file} does not exist")
-    if is_tiktoken_bpe(tokenizer_file.read_bytes()[:4096]):
+    if is_tiktoken_bpe(read_head(tokenizer_file)):
         _add_tiktoken_vocab(writer, tokenizer_file, config)
         kind = "gpt2"
     else:
@@ -297,9 +298,10 @@ def _add_sentencepiece_vocab(writer: Any, path: Path, config: dict) -> None:
 def _chat_template(model_dir: Path) -> str | None:
     """The folder's jinja chat template, where transformers keeps it."""
     if (model_dir / "chat_template.jinja").is_file():
-        return (model_dir / "chat_template.jinja").read_text()
+        return read_bounded(model_dir / "chat_template.jinja", MAX_JSON_BYTES, "chat template",
+                            GGUFExportError).decode("utf-8", errors="replace")
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        template = json.loads(config_path.read_text()).get("chat_template")
+        template = read_json(config_path, "tokenizer config", GGUFExportError).get("chat_template")
         return template if isinstance(template, str) else None
     return None

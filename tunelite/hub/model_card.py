@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tunelite.checkpointing.merge import MERGE_RECORD
 from tunelite.checkpointing.peft import ADAPTER_CONFIG, base_model_name, read_adapter_config
 from tunelite.errors import CheckpointError
+from tunelite.files import read_json
 from tunelite.runtime.secrets import redact, scrub
 
 _STEP_FOLDER = re.compile(r"step_\d+")
@@ -68,7 +69,7 @@ def base_model_of(folder: Path, logs: RunLogs | None) -> str | None:
     if (folder / ADAPTER_CONFIG).is_file():
         return read_adapter_config(folder).get("base_model_name_or_path")
     if (folder / MERGE_RECORD).is_file():
-        return json.loads((folder / MERGE_RECORD).read_text()).get("base_model")
+        return read_json(folder / MERGE_RECORD, "merge record", CheckpointError).get("base_model")
     if logs is not None:
         try:
             checkpoint_dir = OmegaConf.select(OmegaConf.create(logs.config), "checkpointer.checkpoint_dir")
@@ -102,7 +103,7 @@ def model_card(folder: Path, repo_id: str, secrets: Sequence[str]) -> str:
     adapter = (folder / ADAPTER_CONFIG).is_file()
     logs = find_run_logs(folder)
     if logs is None and (folder / MERGE_RECORD).is_file():
-        adapter_dir = json.loads((folder / MERGE_RECORD).read_text()).get("adapter")
+        adapter_dir = read_json(folder / MERGE_RECORD, "merge record", CheckpointError).get("adapter")
         logs = find_run_logs(Path(adapter_dir)) if adapter_dir else None
     base = base_model_of(folder, logs)
     base_id = hub_id(base)

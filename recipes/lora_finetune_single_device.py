@@ -167,7 +167,8 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
                 step_loss = torch.zeros((), device=device)
                 for batch in window:
                     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+                    hidden = model.hidden_states(batch["tokens"], batch.get("positions"),
+                                                 document_ids=batch.get("document_ids"))
                     share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
                     loss = loss_fn(hidden, batch["labels"], model.output) * share
                     loss.backward()

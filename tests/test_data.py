@@ -325,20 +325,14 @@ def test_packs_are_max_seq_len_long_with_positions_restarting_per_sample(tmp_pat
     assert set(packed_values("tokens", in_sample=False)) == {tokenizer.pad_id}
 
 
-def test_collate_builds_a_block_causal_mask_for_packs_and_none_unpacked():
+def test_collate_passes_document_ids_for_packs_and_nothing_more_unpacked():
     pack = {"tokens": [1, 2, 3, 4, 0], "labels": [1, 2, IGNORE_INDEX, 4, IGNORE_INDEX],
             "positions": [0, 1, 0, 1, 0], "document_ids": [0, 0, 1, 1, -1]}
-    out = padded_collate([pack], pad_id=0)
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [0, 0, 1, 0, 0],
-        [0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
-    assert torch.equal(out["mask"], expected[None, None])
-    assert out["positions"].tolist() == [[0, 1, 0, 1, 0]]
-    assert out["labels"].tolist() == [[2, IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX]]
+    out = padded_collate([pack, {**pack, **{k: v[:3] for k, v in pack.items()}}], pad_id=0)
+    assert out["document_ids"].tolist() == [[0, 0, 1, 1, -1], [0, 0, 1, -1, -1]]  # padding is document -1
+    assert out["positions"].tolist() == [[0, 1, 0, 1, 0], [0, 1, 0, 0, 0]]
+    assert out["labels"].tolist()[0] == [2, IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX]
+    assert "mask" not in out  # no (b, 1, s, s) tensor: at 128k tokens it alone would be 16 GiB
     assert set(padded_collate([{"tokens": [1, 2], "labels": [1, 2]}], pad_id=0)) == {"tokens", "labels"}
 
 
@@ -353,7 +347,8 @@ def test_packed_per_sample_losses_equal_unpacked_ones(tmp_path, tokenizer):
     model = random_model(dataclasses.replace(TINY, vocab_size=tokenizer.vocab_size)).eval()
 
     def token_losses(batch):
-        hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+        hidden = model.hidden_states(batch["tokens"], batch.get("positions"),
+                                     document_ids=batch.get("document_ids"))
         logits = model.output(hidden).float()
         return F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none")
 

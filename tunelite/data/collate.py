@@ -14,9 +14,10 @@ def padded_collate(
     """Pads tokens with `pad_id` and labels with -100, and shifts labels left by one, so
     `labels[:, i]` is the target of the prediction made at position i.
 
-    Packed samples (those with `document_ids`) also get `positions` (b, s) and a block-causal
-    `mask` (b, 1, s, s) for `model.hidden_states(tokens, positions, mask)`; unpacked batches
-    get neither, so the model runs causal SDPA without materialising a mask.
+    Packed samples (those with `document_ids`) also get `positions` and `document_ids` (b, s),
+    padding being document -1, for `model.hidden_states(tokens, positions, document_ids=...)`,
+    which keeps each document's attention to itself without a dense (s x s) mask (16 GiB at
+    128k tokens); unpacked batches get neither, so the model runs causal flash attention.
     """
     longest = max(len(s["tokens"]) for s in batch)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
@@ -26,7 +27,7 @@ def padded_collate(
     }
     if "document_ids" in batch[0]:
         out["positions"] = _padded(batch, "positions", 0, length)
-        out["mask"] = block_causal_mask(_padded(batch, "document_ids", PAD_DOCUMENT, length))
+        out["document_ids"] = _padded(batch, "document_ids", PAD_DOCUMENT, length)
     return out
 
 
@@ -38,15 +39,3 @@ def _padded(batch: Sequence[dict[str, list[int]]], key: str, fill: int, length: 
         out[i, : len(values)] = torch.as_tensor(values)
     return out
 
-
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """SDPA boolean mask (b, 1, s, s), True = may attend: causal within each document only.
-
-    A padding position attends to itself alone, so no row of the mask is all False (which
-    would make SDPA's softmax NaN); its outputs carry no label and never reach the loss.
-    """
-    s = document_ids.shape[1]
-    same = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, :, None] != PAD_DOCUMENT)
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    itself = torch.eye(s, dtype=torch.bool, device=document_ids.device)
-    return ((same & causal) | itself)[:, None]

@@ -3,8 +3,8 @@
 Samples fill a pack in order until the next one does not fit; the pack is then padded to
 max_seq_len and the next one starts. A sample is never split across packs, since its second
 half would lose the context the unpacked run gives it. Each sample's positions restart at 0
-and its `document_ids` entry lets the collate build a block-causal mask, so a packed sample's
-loss equals its loss alone.
+and its `document_ids` entry lets the model keep attention within each sample (block-causal,
+tunelite.modules.attention), so a packed sample's loss equals its loss alone.
 
 Labels stay unshifted, as in unpacked samples (the collate shifts them), but each sample's
 first label is -100: after the shift that is the target of the previous sample's last token,

@@ -19,12 +19,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tunelite.errors import ConfigError, TuneliteError
-from tunelite.modules.lora import LoRALinear
+from tunelite.modules.attention import DocumentMask, attend, dense_document_mask, document_attention_mask
 from tunelite.modules.fp8 import FrozenFP8Linear
-from tunelite.modules.nf4 import FrozenNF4Linear, keep_dequantized_weights
+from tunelite.modules.lora import LoRALinear
+from tunelite.modules.memory_policy import (
+    KEEP,
+    RECOMPUTE,
+    MemoryPolicy,
+    in_sequence_chunks,
+    run_layers,
+    set_memory_policy,
+)
+from tunelite.modules.nf4 import FrozenNF4Linear
 
 
 @dataclass(frozen=True)
@@ -307,7 +315,8 @@ def softcapped_attention(
 
 
 class Attention(nn.Module):
-    """Grouped-query attention through SDPA, which picks flash attention on GPUs when it can."""
+    """Grouped-query attention with no (s x s) tensor stored (tunelite.modules.attention), except
+    Gemma 2's capped scores, which only an eager product can apply."""
 
     def __init__(self, args: ModelArgs, linear: LinearFactory, window: int | None) -> None:
         super().__init__()
@@ -340,7 +349,7 @@ class Attention(nn.Module):
                 self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | DocumentMask | None
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.project(x)
@@ -353,15 +362,7 @@ class Attention(nn.Module):
             causal = mask if mask is not None else cache_causal_mask(0, s, x.device)
             out = softcapped_attention(q, k, v, causal, self.scale, self.softcap)
         else:
-            if mask is not None and self.num_kv_heads != self.num_heads:
-                # SDPA's GQA path exists only in its flash kernel, which takes no mask: with a mask
-                # (packed samples) share each kv head explicitly, so a memory-efficient kernel runs.
-                k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-                v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                enable_gqa=k.shape[1] != self.num_heads,
-            )  # (b, h, s, hd)
+            out = attend(q, k, v, mask, self.scale)  # (b, h, s, hd)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -402,11 +403,19 @@ class TransformerLayer(nn.Module):
         self.mlp = FeedForward(args, linear)
         self.mlp_post_norm = build_norm(args, args.embed_dim) if args.post_norms else nn.Identity()
 
+        self.mlp_chunk_tokens: int | None = None  # set_memory_policy: longer batches run the MLP in chunks
+
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | DocumentMask | None, windowed_mask: torch.Tensor | DocumentMask | None,
     ) -> torch.Tensor:
-        h = x + self.sa_post_norm(self.attn(self.sa_norm(x), rope, mask))
-        return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
+        """`windowed_mask` is `mask` narrowed to the sliding window, for a layer that has one."""
+        attn_mask = windowed_mask if self.attn.window is not None else mask
+        h = x + self.sa_post_norm(self.attn(self.sa_norm(x), rope, attn_mask))
+        return h + in_sequence_chunks(self.feed_forward, h, self.mlp_chunk_tokens)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
 
 
 class TiedOutput:
@@ -439,7 +448,7 @@ class TransformerDecoder(nn.Module):
             self.output = TiedOutput(self.tok_embeddings, args.final_softcap)
         else:
             self.output = linear(args.embed_dim, args.vocab_size, "output", False)
-        self.checkpoint_every: int = 0
+        self.memory_policy: MemoryPolicy | None = None  # set_memory_policy; None keeps every activation
         # The positions of the cached tokens, while generating: sliding windows count in positions.
         self.cache_positions: torch.Tensor | None = None
 
@@ -453,13 +462,17 @@ class TransformerDecoder(nn.Module):
         return h
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final normed hidden states; the loss projects them to the vocabulary chunk by chunk,
         so full-vocabulary logits for a whole batch never sit in memory at once.
 
-        With caches set up (generation), `tokens` continue the cached sequence, and the default
-        positions and mask say so."""
+        Packed samples pass their (b, s) `document_ids` (and positions restarting per document):
+        each token then attends within its own document, with no (s x s) mask where the family's
+        attention allows (sliding windows and capped scores need one). With caches set up
+        (generation), `tokens` continue the cached sequence, and the default positions and mask
+        say so."""
         s = tokens.shape[1]
         start = self.layers[0].attn.kv_cache.size if self.caches_enabled else 0
         if self.pos_embeddings is not None and start + s > self.args.max_seq_len:
@@ -474,25 +487,25 @@ class TransformerDecoder(nn.Module):
         if self.cache_positions is not None:
             self.cache_positions[:, start:start + s] = positions
             key_positions = self.cache_positions[:, :start + s]
-        windowed = mask
         window = self.args.sliding_window
+        if document_ids is not None:
+            dense = self.args.attn_softcap is not None or (window is not None and s > window)
+            mask = dense_document_mask(document_ids) if dense else document_attention_mask(document_ids)
+        windowed = mask
         if window is not None and start + s > window:  # shorter sequences fit the window whole
             windowed = window_mask(mask if mask is not None else cache_causal_mask(start, s, tokens.device),
                                    positions, key_positions, window)
         h = self.embed(tokens, positions)
         rope = self.rope(positions, h.dtype) if self.rope is not None else None
-        for i, layer in enumerate(self.layers):
-            layer_mask = windowed if layer.attn.window is not None else mask
-            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
-                h = checkpoint(layer, h, rope, layer_mask, use_reentrant=False)
-            else:
-                h = layer(h, rope, layer_mask)
+        policy = self.memory_policy if self.training else None
+        h = run_layers(self.layers, policy, h, rope, mask, windowed, keep=rope or ())
         return self.norm(h)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.output(self.hidden_states(tokens, positions, mask))  # (b, s, vocab)
+        return self.output(self.hidden_states(tokens, positions, mask, document_ids))  # (b, s, vocab)
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
@@ -522,10 +535,8 @@ def plain_linear(in_dim: int, out_dim: int, name: str, bias: bool = False) -> nn
 
 def set_activation_checkpointing(model: TransformerDecoder, every: int = 1) -> None:
     """Recompute every `every`-th layer's activations in backward (0 turns it off): memory for speed.
-    A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward."""
-    model.checkpoint_every = every
-    for i, layer in enumerate(model.layers):
-        keep_dequantized_weights(layer, bool(every) and i % every == 0)
+    A shorthand for `set_memory_policy`, which chooses layer by layer."""
+    set_memory_policy(model, [RECOMPUTE if every and i % every == 0 else KEEP for i in range(len(model.layers))])
 
 
 def decoder(args: ModelArgs) -> TransformerDecoder:

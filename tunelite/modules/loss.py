@@ -3,8 +3,11 @@
 At a 128k vocabulary the logits of 2 x 2048 tokens are 2 GiB in fp32, plus their gradient.
 Each chunk's projection and loss run under activation checkpointing, so only the hidden
 states are kept and a single chunk's logits exist at any moment, in forward and backward.
+Long batches take more chunks than `num_chunks`, so no chunk holds more than `max_chunk_tokens`
+tokens (a 128k-token sample in 8 chunks would hold 16k x 128k fp32 logits, 8 GiB).
 """
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -13,6 +16,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+MAX_CHUNK_TOKENS = 1024
+
+
+def loss_chunks(batch: int, seq: int, num_chunks: int, max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> int:
+    """How many chunks of the sequence a (batch x seq) loss runs in: `num_chunks`, or more when a
+    chunk would hold over `max_chunk_tokens` tokens. tunelite estimate counts with this too."""
+    return max(num_chunks, math.ceil(batch * seq / max_chunk_tokens))
 
 
 def _chunk_loss_sum(output: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,9 +33,9 @@ def _chunk_loss_sum(output: Callable[[torch.Tensor], torch.Tensor], hidden: torc
 class LinearCrossEntropyLoss(nn.Module):
     """Mean next-token loss over labelled positions; labels are already aligned with `hidden`."""
 
-    def __init__(self, num_chunks: int = 8) -> None:
+    def __init__(self, num_chunks: int = 8, max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> None:
         super().__init__()
-        self.num_chunks = num_chunks
+        self.num_chunks, self.max_chunk_tokens = num_chunks, max_chunk_tokens
         self.chunk_loss = _chunk_loss_sum
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -37,7 +47,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self, hidden: torch.Tensor, labels: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
-        for h, y in zip(hidden.chunk(self.num_chunks, dim=1), labels.chunk(self.num_chunks, dim=1)):
+        chunks = loss_chunks(labels.shape[0], labels.shape[1], self.num_chunks, self.max_chunk_tokens)
+        for h, y in zip(hidden.chunk(chunks, dim=1), labels.chunk(chunks, dim=1)):
             if torch.is_grad_enabled():
                 total = total + checkpoint(self.chunk_loss, output, h, y, use_reentrant=False)
             else:

@@ -17,7 +17,8 @@ def validation_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, loader: Da
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         n = (batch["labels"] != IGNORE_INDEX).sum()
-        hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+        hidden = model.hidden_states(batch["tokens"], batch.get("positions"),
+                                     document_ids=batch.get("document_ids"))
         total += loss_fn(hidden, batch["labels"], model.output) * n
         count += n
     model.train()

@@ -1,0 +1,120 @@
+"""How each transformer layer pays for its backward pass: memory for speed, chosen layer by layer.
+
+- `keep`: every activation the layer's backward needs stays on the card. Fastest, most memory.
+- `recompute`: activation checkpointing. Only the layer's input is kept; its forward runs again
+  in backward. About a third more compute for the layer, a small fraction of the memory.
+- `offload`: every activation the backward needs is copied to host memory as the forward runs
+  and fetched back one layer ahead of the backward (tunelite.modules.offload). No recompute,
+  but PCIe traffic of the layer's whole activations, which only pays when it hides behind compute.
+- `recompute+offload`: checkpointing whose saved input goes to host memory: almost nothing of
+  the layer stays on the card, for a few MB of traffic per layer (Unsloth's trick).
+
+Long sequences also run the MLP in chunks of the sequence, each chunk under its own checkpoint,
+so no (tokens x intermediate_dim) tensor exists whole, in forward or backward.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunelite.errors import ConfigError
+from tunelite.modules.nf4 import keep_dequantized_weights
+from tunelite.modules.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
+
+KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD = "keep", "recompute", "offload", "recompute+offload"
+POLICIES = (KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD)
+# Above this many tokens in a batch the MLP runs in chunks of at most this many: at 8B sizes a
+# chunk's SwiGLU intermediates are 8192 x 14336 values, and the matmuls stay large enough to be fast.
+MLP_CHUNK_TOKENS = 8192
+
+
+def recomputes(policy: str) -> bool:
+    return policy in (RECOMPUTE, RECOMPUTE_OFFLOAD)
+
+
+def offloads(policy: str) -> bool:
+    return policy in (OFFLOAD, RECOMPUTE_OFFLOAD)
+
+
+def uniform_policies(num_layers: int, checkpointing: bool, offloading: bool) -> list[str]:
+    """The policy of torchtune's two switches, the same for every layer: enable_activation_checkpointing
+    recomputes each layer, enable_activation_offloading offloads what the layer then saves (its
+    input under checkpointing, every activation without)."""
+    policy = {(False, False): KEEP, (True, False): RECOMPUTE, (False, True): OFFLOAD,
+              (True, True): RECOMPUTE_OFFLOAD}[checkpointing, offloading]
+    return [policy] * num_layers
+
+
+@dataclass
+class MemoryPolicy:
+    """A model's per-layer policies, with the offloader the offloaded layers share."""
+
+    layers: tuple[str, ...]
+    offloader: ActivationOffloader | None
+
+    def run(self, layers: Sequence[nn.Module], h: torch.Tensor, *args: object,
+            keep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Runs `layers` in turn on h, each under its policy; `keep`: tensors every layer shares
+        (the rotary tables), which are never offloaded."""
+        if not torch.is_grad_enabled():
+            return _plain(layers, h, *args)
+        for layer, policy in zip(layers, self.layers):
+            run = partial(checkpoint, layer, use_reentrant=False) if recomputes(policy) else layer
+            if offloads(policy):
+                with self.offloader.offloaded(layer, keep):
+                    h = run(h, *args)
+            else:
+                h = run(h, *args)
+        if self.offloader is not None:
+            self.offloader.forward_done()
+        return h
+
+
+def run_layers(layers: Sequence[nn.Module], policy: MemoryPolicy | None, h: torch.Tensor, *args: object,
+               keep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The decoder's layer loop: under `policy` when one is set (training), else plainly."""
+    return policy.run(layers, h, *args, keep=keep) if policy is not None else _plain(layers, h, *args)
+
+
+def _plain(layers: Sequence[nn.Module], h: torch.Tensor, *args: object) -> torch.Tensor:
+    for layer in layers:
+        h = layer(h, *args)
+    return h
+
+
+def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS,
+                      min_offload_bytes: int = MIN_OFFLOAD_BYTES) -> None:
+    """Gives each of `model.layers` its policy (see the module docstring) for training, and the
+    MLP its chunk size (None: whole). `min_offload_bytes`: smaller saved tensors stay on the card
+    (tests offload everything with 0)."""
+    layers = model.layers
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown or len(policies) != len(layers):
+        raise ConfigError(f"memory policy: {len(policies)} policies {sorted(set(policies))} for {len(layers)} layers; "
+                          f"give one per layer, each one of {list(POLICIES)}")
+    offloader = None
+    if any(offloads(p) for p in policies):
+        offloader = ActivationOffloader(next(model.parameters()).device, min_offload_bytes)
+    model.memory_policy = MemoryPolicy(tuple(policies), offloader)
+    for layer, policy in zip(layers, policies):
+        layer.mlp_chunk_tokens = mlp_chunk_tokens
+        # A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward.
+        keep_dequantized_weights(layer, recomputes(policy))
+
+
+def in_sequence_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       chunk_tokens: int | None) -> torch.Tensor:
+    """fn(x) for a per-token fn over (b, s, ...) x, run over pieces of the sequence of at most
+    `chunk_tokens` tokens (b x length) when x holds more. With gradients each piece runs under
+    checkpoint, so only its input is kept and fn's intermediates exist for one piece at a time."""
+    b, s = x.shape[:2]
+    if not chunk_tokens or b * s <= chunk_tokens:
+        return fn(x)
+    pieces = x.split(max(1, chunk_tokens // b), dim=1)
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim=1)
+    return torch.cat([fn(piece) for piece in pieces], dim=1)

@@ -1,0 +1,154 @@
+"""Activations in (pinned) host memory between a layer's forward and its backward.
+
+`torch.autograd.graph.saved_tensors_hooks` hands us every tensor autograd saves for backward
+while a layer runs. The offloader copies each one to host memory on a side stream, so the copy
+overlaps the next layers' compute, and gives autograd a handle instead; the GPU tensor is freed
+once its copy is done. In backward, the first time a layer's tensors are asked for, the offloader
+copies them back and at once starts copying the previous layer's back too, so that layer's
+tensors are on the card before its backward begins. Events order every copy against the compute
+stream. Around a recomputed (checkpointed) layer, the only tensor saved is the layer's input, so
+offloading that is Unsloth's "offloaded gradient checkpointing"; around a plain layer it is
+torchtune's `OffloadActivations`, every saved activation moved.
+
+The stream calls go through `torch.get_device_module(device)`: on a GPU they are CUDA streams
+and events; on the CPU they exist and do nothing, so tests run this very code, the copies being
+plain host-to-host copies (pinned memory needs an accelerator).
+"""
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+# Smaller tensors stay where they are: moving them costs a copy launch each and saves nothing.
+MIN_OFFLOAD_BYTES = 2**20
+
+
+@dataclass
+class _Layer:
+    """The tensors one layer's forward offloaded, in host memory until its backward fetches them."""
+
+    previous: "_Layer | None"
+    host: list[torch.Tensor] = field(default_factory=list)
+    by_key: dict[tuple, int] = field(default_factory=dict)  # one copy of a tensor saved twice
+    on_device: list[torch.Tensor] | None = None  # fetched; freed with the last handle autograd drops
+    fetched: Any = None  # the event after which `on_device` is filled
+    ready: bool = False  # the compute stream already waits for `fetched`
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """What autograd keeps instead of an offloaded tensor."""
+
+    layer: _Layer
+    index: int
+
+
+class ActivationOffloader:
+    """Moves what autograd saves inside `offloaded(layer)` blocks to host memory and back.
+
+    One instance serves one model: `offloaded(...)` wraps each offloaded layer's forward, in
+    order, and `forward_done()` follows the last layer. `host_bytes` and `peak_host_bytes` say how
+    much host memory the offloaded tensors hold (the pinned allocator may round each up to a power
+    of two)."""
+
+    def __init__(self, device: torch.device, min_bytes: int = MIN_OFFLOAD_BYTES) -> None:
+        self.device, self.min_bytes = device, min_bytes
+        self.streams = torch.get_device_module(device)  # torch.cuda, or torch.cpu's no-op streams
+        self.side = self.streams.Stream()
+        self.pin = device.type != "cpu"  # pinned host memory exists only with an accelerator
+        self.host_bytes = self.peak_host_bytes = 0
+        self._last: _Layer | None = None  # the latest offloaded layer of the forward under way
+        self._copying: list[tuple[torch.Tensor, Any]] = []  # sources of copies still running, with events
+
+    @contextlib.contextmanager
+    def offloaded(self, module: nn.Module, keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+        """Runs the block with its saved tensors offloaded, except `module`'s own parameters and
+        buffers and the `keep` tensors (shared by every layer, such as the rotary tables)."""
+        self._release_copied()
+        layer = _Layer(previous=self._last)
+        self._last = layer
+        kept = {t.untyped_storage().data_ptr() for t in keep}
+        stays: set[int] | None = None
+
+        def pack(tensor: torch.Tensor) -> Any:
+            nonlocal stays
+            if stays is None:  # at the first save, when a sharded layer has gathered its weights
+                stays = _storages(module) | kept
+            if not self._worth_moving(tensor) or tensor.untyped_storage().data_ptr() in stays:
+                return tensor
+            return self._offload(layer, tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            yield
+
+    def forward_done(self) -> None:
+        """After the last layer: the next `offloaded` block starts a new forward, and the copies
+        still running are waited for, so their sources can be freed before the loss runs."""
+        self._last = None
+        self._release_copied()
+
+    def _worth_moving(self, tensor: torch.Tensor) -> bool:
+        # Plain tensors only: NF4 weights and other subclasses are parameters, not activations.
+        return (type(tensor) is torch.Tensor and tensor.device == self.device
+                and tensor.numel() * tensor.element_size() >= self.min_bytes)
+
+    def _offload(self, layer: _Layer, tensor: torch.Tensor) -> _Handle:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.dtype)
+        if key not in layer.by_key:
+            compute = self.streams.current_stream()
+            self.side.wait_stream(compute)  # the tensor's value is computed before it is copied
+            with self.streams.stream(self.side):
+                host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin)
+                host.copy_(tensor, non_blocking=True)
+            self._copying.append((tensor, self.side.record_event()))
+            layer.by_key[key] = len(layer.host)
+            layer.host.append(host)
+            self.host_bytes += host.numel() * host.element_size()
+            self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+        return _Handle(layer, layer.by_key[key])
+
+    def _release_copied(self) -> None:
+        """Lets the sources of finished copies go: the compute stream waits for each copy's event,
+        so the caching allocator may hand the memory to later compute only after the copy read it."""
+        compute = self.streams.current_stream()
+        for _, event in self._copying:
+            compute.wait_event(event)
+        self._copying.clear()
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _Handle):
+            return saved
+        layer = saved.layer
+        if layer.on_device is None:
+            self._fetch(layer)
+        if layer.previous is not None and layer.previous.on_device is None:
+            self._fetch(layer.previous)  # the layer backward reaches next: its copy overlaps this one
+        if not layer.ready:
+            self.streams.current_stream().wait_event(layer.fetched)
+            layer.ready = True
+        return layer.on_device[saved.index]
+
+    def _fetch(self, layer: _Layer) -> None:
+        """Starts copying `layer`'s tensors back. The GPU memory is taken on the compute stream,
+        whose earlier work the side stream waits for, so no copy writes memory still in use; the
+        host copies are freed as they are read (the pinned allocator waits for the copy)."""
+        compute = self.streams.current_stream()
+        on_device = [torch.empty_like(host, device=self.device) for host in layer.host]
+        self.side.wait_stream(compute)
+        with self.streams.stream(self.side):
+            for target, host in zip(on_device, layer.host):
+                target.copy_(host, non_blocking=True)
+        layer.fetched = self.side.record_event()
+        self.host_bytes -= sum(host.numel() * host.element_size() for host in layer.host)
+        layer.host, layer.on_device = [], on_device
+
+
+def _storages(module: nn.Module) -> set[int]:
+    """The storages of `module`'s plain parameters and buffers: never offloaded."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return {t.untyped_storage().data_ptr() for t in tensors if type(t) in (torch.Tensor, nn.Parameter)}

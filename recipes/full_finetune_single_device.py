@@ -34,12 +34,13 @@ from tunelite.config import instantiate, recipe_entry
 from tunelite.data.collate import padded_collate
 from tunelite.data.loader import build_dataloader, epoch_batches, labelled_tokens, step_sample_indices, steps_per_epoch
 from tunelite.errors import ConfigError
-from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.loss import IGNORE_INDEX
+from tunelite.modules.memory_policy import set_memory_policy
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
 from tunelite.training.divergence import diverged
+from tunelite.training.memory_policy import plan_memory
 from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.optimizers import OptimizerInBackward, backward_stepping_weights
@@ -60,6 +61,7 @@ CONFIG_KEYS = {
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "resume_from_checkpoint",
         "log_peak_memory_stats", "optimizer_in_bwd", "overwrite_output_dir", "divergence_factor",
+        "enable_activation_offloading", "memory_budget_gib",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: every weight trains, one sequence a sample.
@@ -106,7 +108,10 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
     with torch.device("meta"):
         model = instantiate(cfg.model)
     load_checkpoint_into(model, checkpointer, device, dtype)
-    set_activation_checkpointing(model, 1 if cfg.enable_activation_checkpointing else 0)
+    # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
+    plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
+                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
+    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
     if cfg.compile:
         compile_layers(model)
     params = list(model.parameters())

@@ -44,14 +44,15 @@ from tunelite.distributed.sharding import (
     load_sharded_checkpoint,
     shard_model,
 )
-from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.lora import is_adapter_key, merged_state_dict, set_trainable_params
 from tunelite.modules.loss import IGNORE_INDEX
+from tunelite.modules.memory_policy import set_memory_policy
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.ranks import sum_over_ranks
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
 from tunelite.training.divergence import diverged
+from tunelite.training.memory_policy import plan_memory
 from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.profiling import build_profiler
@@ -72,6 +73,7 @@ CONFIG_KEYS = {
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
         "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "fsdp_reshard_after_forward",
         "overwrite_output_dir", "divergence_factor",
+        "enable_activation_offloading", "memory_budget_gib",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -118,7 +120,10 @@ def train(cfg: DictConfig, run: RunFolder, device: torch.device, rank: int, worl
     set_trainable_params(model)
     shard_model(model, device, dtype, cfg.get("fsdp_reshard_after_forward", True))
     load_sharded_checkpoint(model, checkpointer, device, dtype)
-    set_activation_checkpointing(model, 1 if cfg.enable_activation_checkpointing else 0)
+    # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
+    plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
+                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
+    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
     if cfg.compile:
         compile_layers(model)
     adapters = [p for p in model.parameters() if p.requires_grad]

@@ -37,13 +37,14 @@ from tunelite.checkpointing.state import (
 from tunelite.config import instantiate, recipe_entry
 from tunelite.data.collate import padded_collate
 from tunelite.data.loader import build_dataloader, epoch_batches, labelled_tokens, step_sample_indices, steps_per_epoch
-from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.lora import merged_state_dict, set_trainable_params
 from tunelite.modules.loss import IGNORE_INDEX
+from tunelite.modules.memory_policy import set_memory_policy
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
 from tunelite.training.divergence import diverged
+from tunelite.training.memory_policy import plan_memory
 from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.profiling import build_profiler
@@ -63,6 +64,7 @@ CONFIG_KEYS = {
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
         "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "overwrite_output_dir", "divergence_factor",
+        "enable_activation_offloading", "memory_budget_gib",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -105,7 +107,10 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
         model = instantiate(cfg.model)
     load_checkpoint_into(model, checkpointer, device, dtype)
     set_trainable_params(model)
-    set_activation_checkpointing(model, 1 if cfg.enable_activation_checkpointing else 0)
+    # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
+    plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
+                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
+    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
     if cfg.compile:
         compile_layers(model)
     adapters = [p for p in model.parameters() if p.requires_grad]

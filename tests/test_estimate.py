@@ -1,6 +1,8 @@
 """`tunelite estimate`: the memory model, its advice, and that it reads nothing but config.json."""
 
+import dataclasses
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +16,7 @@ from tunelite.config import load_recipe_config
 from tunelite.recipe_registry import RecipeDeclarations, get_recipe, read_declarations
 from tunelite.errors import ConfigError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
+from tunelite.modules.memory_policy import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
 from tunelite.training.memory_estimate import (
     ACTIVATIONS,
     GIB,
@@ -22,7 +25,11 @@ from tunelite.training.memory_estimate import (
     OUTPUT_GRADIENT,
     OVERHEAD,
     WEIGHTS,
+    MemoryModel,
+    MemoryPlan,
     estimate_memory,
+    gib,
+    memory_model,
     parse_memory_size,
     recipe_memory,
     with_overrides,
@@ -174,3 +181,105 @@ def test_estimate_reads_what_an_edited_copy_of_a_recipe_declares(config_only, tm
 def test_estimate_builds_the_model_on_the_meta_device_only(config_only, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("a model was moved to a device"))
     assert estimate(config_only, "qlora").peak_allocated > 0
+
+
+# --- memory policies, the budget's choice, host memory, the longest sample ---------------------
+
+
+def model_of(config_only: Path, kind: str, *overrides: str) -> MemoryModel:
+    recipe, name = CONFIGS[kind]
+    cfg = load(recipe, name, [f"checkpointer.checkpoint_dir={config_only}", *overrides])
+    return memory_model(cfg, recipe_memory(declared(recipe)))
+
+
+def uniform(policy: str) -> MemoryPlan:
+    return MemoryPlan((policy,) * LLAMA3_1_8B.num_layers)
+
+
+@pytest.mark.parametrize(("kind", "batch", "seq"), [("lora", 2, 2048), ("qlora", 1, 32768)])
+def test_each_policys_estimate_is_ordered_as_memory_must_be(config_only, kind, batch, seq):
+    model = model_of(config_only, kind, f"batch_size={batch}", f"tokenizer.max_seq_len={seq}")
+    keep, recompute, offload, both = (model.estimate(uniform(p)) for p in (KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD))
+    assert keep.total > recompute.total > both.total and keep.total > offload.total
+    assert keep.host_bytes == recompute.host_bytes == 0 < both.host_bytes < offload.host_bytes
+    # recompute+offload pins each layer's input, rounded up to a power of two as the pinned allocator does
+    layer_input = batch * seq * LLAMA3_1_8B.embed_dim * 2
+    assert both.host_bytes == LLAMA3_1_8B.num_layers * 2 ** math.ceil(math.log2(layer_input))
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("budget_gib", [18, 20, 22, 24, 40])
+def test_the_budget_picks_the_fewest_recomputed_then_fewest_offloaded_layers_that_fit(config_only, kind, budget_gib):
+    model, budget = model_of(config_only, kind), budget_gib * GIB
+    found = model.fastest_plan(budget)
+    if found is None:  # LoRA's bf16 weights alone leave no room in 18 GiB
+        assert model.estimate(uniform(RECOMPUTE_OFFLOAD)).total > budget
+        return
+    plan, result = found
+    assert result == model.estimate(plan) and result.total <= budget
+    layers, recomputed = len(plan.layers), sum(p in (RECOMPUTE, RECOMPUTE_OFFLOAD) for p in plan.layers)
+    offloaded = plan.layers.count(RECOMPUTE_OFFLOAD)
+    assert plan.layers == (KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded + (RECOMPUTE,) * (
+        recomputed - offloaded)
+    if recomputed:  # one layer fewer recomputed does not fit, however many are offloaded
+        fewer = (KEEP,) * (layers - recomputed + 1) + (RECOMPUTE_OFFLOAD,) * (recomputed - 1)
+        assert model.estimate(MemoryPlan(fewer)).total > budget
+    if offloaded:  # nor one fewer offloaded
+        assert model.estimate(MemoryPlan(plan.layers[:layers - recomputed + offloaded - 1] + (RECOMPUTE,)
+                                         + plan.layers[layers - recomputed + offloaded:])).total > budget
+
+
+def test_more_budget_keeps_more_layers(config_only):
+    model = model_of(config_only, "qlora")
+    kept = [model.fastest_plan(gib * GIB)[0].layers.count(KEEP) for gib in (10, 16, 22, 40)]
+    assert kept == sorted(kept) and kept[0] < kept[-1] == LLAMA3_1_8B.num_layers
+
+
+def test_long_samples_grow_linearly_and_chunk_the_mlp_only_when_needed(config_only):
+    model = model_of(config_only, "qlora", "batch_size=1")
+    leanest = uniform(RECOMPUTE_OFFLOAD)
+    activations = [model.estimate(leanest, 1, seq).components[ACTIVATIONS] for seq in (65536, 131072, 262144)]
+    # a + b x tokens, no tokens^2 term: doubling the length doubles the increase
+    assert activations[2] - activations[1] == pytest.approx(2 * (activations[1] - activations[0]), rel=1e-6)
+    assert MemoryPlan((KEEP,)).chunks_mlp(8192) is False and MemoryPlan((KEEP,)).chunks_mlp(8193) is True
+    whole = dataclasses.replace(leanest, mlp_chunk_tokens=None)
+    assert model.estimate(whole, 1, 65536).total > model.estimate(leanest, 1, 65536).total + 5 * GIB
+
+
+def test_estimate_prints_every_policy_and_what_the_budget_picks(config_only, capsys):
+    given = [f"checkpointer.checkpoint_dir={config_only}", "--gpu-memory", "22GB"]
+    assert main(["estimate", LORA, "--config", "llama3_1/8B_qlora_single_device", *given]) == 0
+    out = capsys.readouterr().out
+    for policy in ("keep every layer", "recompute every layer", "offload every layer", "recompute+offload every layer"):
+        assert re.search(rf"  {re.escape(policy)} +\d+\.\d\d GiB +\d+\.\d\d GiB", out)
+    plan, result = model_of(config_only, "qlora").fastest_plan(22 * GIB)
+    assert f"fastest in 22.00 GiB: {plan.describe(4096)}" in out
+    assert "what memory_budget_gib: 22 or auto on this card picks" in out
+
+
+def test_a_config_with_a_budget_is_estimated_under_the_budgets_plan(config_only, capsys):
+    given = [f"checkpointer.checkpoint_dir={config_only}", "--gpu-memory", "24GB", "+memory_budget_gib=16"]
+    assert main(["estimate", LORA, "--config", "llama3_1/8B_qlora_single_device", *given]) == 0
+    plan, result = model_of(config_only, "qlora").fastest_plan(16 * GIB)
+    out = capsys.readouterr().out
+    assert f"bf16, {plan.describe(4096)}):" in out
+    assert re.search(rf"= needed on the card +{gib(result.total)}", out)
+
+
+def test_offloading_is_counted_in_host_memory(config_only, capsys):
+    given = [f"checkpointer.checkpoint_dir={config_only}", "enable_activation_checkpointing=True",
+             "+enable_activation_offloading=True", "--gpu-memory", "24GB"]
+    assert main(["estimate", LORA, "--config", "llama3_1/8B_qlora_single_device", *given]) == 0
+    assert re.search(r"host memory \(pinned\) +1\.00 GiB", capsys.readouterr().out)  # 32 x 2 x 2048 x 4096 x 2 bytes
+
+
+@pytest.mark.parametrize(("kind", "card"), [("qlora", "24GB"), ("lora", "22GB")])
+def test_max_seq_prints_the_longest_sample_that_fits(config_only, capsys, kind, card):
+    recipe, name = CONFIGS[kind]
+    assert main(["estimate", recipe, "--config", name, f"checkpointer.checkpoint_dir={config_only}",
+                 "--gpu-memory", card, "--max-seq"]) in (0, 1)
+    seq = int(re.search(r"Longest sample that fits .* \(batch 1\): ([\d,]+) tokens", capsys.readouterr().out)
+              .group(1).replace(",", ""))
+    model, budget = model_of(config_only, kind), parse_memory_size(card)
+    assert seq % 1024 == 0 and model.fastest_plan(budget, 1, seq) is not None
+    assert model.fastest_plan(budget, 1, seq + 1024) is None

@@ -49,7 +49,7 @@ def test_each_training_recipe_writes_its_loop_out(recipe):
     assert 120 <= len(text.splitlines()) <= 260
 
 
-@pytest.mark.parametrize("key", ["+dpo_beta=0.1", "+enable_activation_offloading=True", "+num_workers=2",
+@pytest.mark.parametrize("key", ["+dpo_beta=0.1", "+fsdp_cpu_offload=True", "+num_workers=2",
                                  "+log_dir=/tmp/x", "+save_adapter_weights_only=True"])
 def test_a_key_its_recipe_does_not_read_is_refused_with_its_path(key, capsys):
     assert main(["validate", "tiny/lora_cpu", key]) == 2

@@ -2,15 +2,22 @@
 
 Reads the checkpoint's config.json only (no weights), and prints the memory by component
 (weights, adapter, gradients, optimizer state, activations, logits/loss, workspace, CUDA
-context) and whether it fits the card; when it does not, overrides that would make it fit.
-Exit code 1 when it does not fit.
+context, pinned host memory) under the run's memory policy, what each policy would need
+(keep, recompute, offload, recompute+offload) and which one `memory_budget_gib` would pick for
+the card, and whether the run fits; when it does not, overrides that would make it fit. With
+--max-seq, the longest sample (batch 1) that fits the card. Exit code 1 when it does not fit.
 """
 
+from __future__ import annotations
+
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelite import recipe_registry
 from tunelite.config import add_trust_option, load_recipe_config
+
+if TYPE_CHECKING:
+    from tunelite.training.memory_estimate import MemoryModel, MemoryPlan
 
 
 def add_parser(subcommands: Any) -> None:
@@ -26,18 +33,20 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--gpu-memory", help="the card's memory, e.g. 24GB (default: this machine's GPU, if any)")
     parser.add_argument("--seq-len", type=int, help="longest sample in tokens (default: tokenizer.max_seq_len)")
     add_trust_option(parser)
+    parser.add_argument("--max-seq", action="store_true",
+                        help="also print the longest sample (batch 1) that fits the card, with the policy that fits it")
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
     parser.set_defaults(handler=estimate)
 
 
 def estimate(args: argparse.Namespace) -> int:
-    """Print the breakdown and the verdict; 0 when it fits (or no card is known), 1 when not."""
+    """Print the breakdown, the policies and the verdict; 0 when it fits (or no card is known), 1 when not."""
     import torch  # here, not at the top: `tunelite ls` and `--help` should not wait for torch
 
     from tunelite.training.memory_estimate import (
-        estimate_memory,
         fitting_overrides,
         gib,
+        memory_model,
         merge_overrides,
         parse_memory_size,
         recipe_memory,
@@ -48,20 +57,27 @@ def estimate(args: argparse.Namespace) -> int:
     recipe = recipe_memory(declarations)
     # The files need not exist yet: an estimate is for deciding what to download.
     cfg = load_recipe_config(args.config, declarations.keys, overrides, trust=args.trust, check_paths=False)
-    result = estimate_memory(cfg, recipe)
-    print(result.report())
+    model = memory_model(cfg, recipe)
     if args.gpu_memory:
-        budget = parse_memory_size(args.gpu_memory)
+        card = parse_memory_size(args.gpu_memory)
     elif torch.cuda.is_available():
-        budget = torch.cuda.get_device_properties(0).total_memory
+        card = torch.cuda.get_device_properties(0).total_memory
     else:
+        card = None
+    plan = run_plan(model, cfg, card)
+    result = model.estimate(plan)
+    print(result.report())
+    print("\n".join(policy_lines(model, card)))
+    if args.max_seq:
+        print(longest_sample_line(model, card))
+    if card is None:
         print("No GPU here: pass --gpu-memory (e.g. 24GB) to check a card.")
         return 0
-    if result.total <= budget:
-        print(f"Fits in {gib(budget)}, with {gib(budget - result.total)} to spare.")
+    if result.total <= card:
+        print(f"Fits in {gib(card)}, with {gib(card - result.total)} to spare.")
         return 0
-    print(f"Does not fit in {gib(budget)}: {gib(result.total - budget)} short.")
-    options = fitting_overrides(cfg, recipe, budget)
+    print(f"Does not fit in {gib(card)}: {gib(result.total - card)} short.")
+    options = fitting_overrides(cfg, recipe, card)
     if not options:
         print("No override tunelite knows makes it fit; use a smaller model or a larger card.")
         return 1
@@ -70,3 +86,54 @@ def estimate(args: argparse.Namespace) -> int:
         command = " ".join(["tunelite run", args.recipe, "--config", args.config, *merge_overrides(overrides, extra)])
         print(f"  {command}   # {gib(fitted.total)}")
     return 1
+
+
+def run_plan(model: MemoryModel, cfg: Any, card: int | None) -> MemoryPlan:
+    """The plan the run would use: the budget's choice when the config sets memory_budget_gib (and,
+    for `auto`, a card is known), else the switches'."""
+    import torch
+
+    from tunelite.training.memory_estimate import config_switches_plan
+    from tunelite.training.memory_policy import budget_bytes
+
+    switches = config_switches_plan(cfg, model.args.num_layers)
+    budget = cfg.get("memory_budget_gib")
+    if budget is None or (budget == "auto" and card is None):
+        return switches
+    fitted = model.fastest_plan(card if budget == "auto" else budget_bytes(budget, torch.device("meta")))
+    return fitted[0] if fitted else switches
+
+
+def policy_lines(model: MemoryModel, card: int | None) -> list[str]:
+    """Each policy for every layer, and the budget's pick for the card."""
+    from tunelite.modules.memory_policy import POLICIES
+    from tunelite.training.memory_estimate import MemoryPlan, gib
+
+    tokens = model.batch * model.recipe.sequences_per_sample * model.seq
+    lines = [f"By memory policy (batch {model.batch} x {model.seq} tokens):",
+             f"  {'policy':<64}{'on the card':>12}{'host':>12}"]
+    for policy in POLICIES:
+        result = model.estimate(MemoryPlan((policy,) * model.args.num_layers))
+        lines.append(f"  {policy + ' every layer':<64}{gib(result.total):>12}{gib(result.host_bytes):>12}")
+    if card is not None:
+        fitted = model.fastest_plan(card)
+        pick = fitted[0].describe(tokens) if fitted else "nothing fits"
+        sizes = f"{gib(fitted[1].total):>12}{gib(fitted[1].host_bytes):>12}" if fitted else ""
+        lines.append(f"  {'fastest in ' + gib(card) + ': ' + pick:<64}{sizes}")
+        lines.append(f"  (what memory_budget_gib: {card / 2**30:g} or auto on this card picks)")
+    return lines
+
+
+def longest_sample_line(model: MemoryModel, card: int | None) -> str:
+    """The longest sample, batch 1, that fits the card."""
+    from tunelite.training.memory_estimate import gib
+
+    if card is None:
+        return "--max-seq needs a card: pass --gpu-memory (e.g. 24GB)."
+    found = model.longest_sequence(card)
+    if found is None:
+        return f"Not even 1024 tokens fit {gib(card)}."
+    seq, plan, result = found
+    host = f", {gib(result.host_bytes)} of pinned host memory" if result.host_bytes else ""
+    return (f"Longest sample that fits {gib(card)} (batch 1): {seq:,} tokens, with {plan.describe(seq)}: "
+            f"{gib(result.total)} on the card{host}.")

@@ -2,12 +2,15 @@
 
 Only the checkpoint's config.json is read: the model is built on the meta device from `model:`
 to count its parameters exactly (trainable or frozen, NF4 or not), and the rest follows from
-what the recipes do, in eager PyTorch with flash attention. A step's memory peaks at one of these
-moments, each the persistent part (weights, adapter, optimizer state, resident gradients) plus:
+what the recipes do, in eager PyTorch with flash attention, under a memory plan (each layer's
+policy: keep, recompute, offload, recompute+offload; the MLP whole or in chunks;
+tunelite.modules.memory_policy). A step's memory peaks at one of these moments, each the
+persistent part (weights, adapter, optimizer state, resident gradients) plus:
 
-- backward through a layer: every layer's saved input (activation checkpointing) or every
-  layer's saved activations (without it), plus the layer being recomputed and the transient
-  gradients of its SwiGLU;
+- backward through a layer: what the layers below keep on the card (all their activations,
+  their input, or nothing, by policy), plus that layer's input and activations (kept, recomputed
+  or fetched back from host memory), the previous offloaded layer's fetched ahead, and the
+  transient gradients of its SwiGLU (or of its attention once the MLP runs in chunks);
 - the loss's backward: the saved inputs plus one chunk's fp32 log-softmax, its gradient and the
   logits' gradient (LinearCrossEntropyLoss);
 - when the output projection trains (full fine-tuning), the moment its gradient is summed over
@@ -15,7 +18,12 @@ moments, each the persistent part (weights, adapter, optimizer state, resident g
 
 On an H100 (Llama 3.1 8B, bf16, checkpointing on; LoRA, QLoRA and full with an offloaded
 optimizer, each at batch 2 x 2048 and 1 x 8192) the prediction was within 1% of
-`torch.cuda.max_memory_allocated` in all six runs (benchmarks/estimate_check.py).
+`torch.cuda.max_memory_allocated` in all six runs (benchmarks/estimate_check.py). The terms of
+offloading, chunked MLP and attention-bound peaks (long samples) are predictions still to be
+measured (benchmarks/long_context_bench.py prints both).
+
+The same model picks a run's plan for a budget (`MemoryModel.fastest_plan`, what
+`memory_budget_gib` uses) and the longest sample a card fits (`MemoryModel.longest_sequence`).
 """
 
 import math
@@ -32,6 +40,18 @@ from tunelite.config import apply_overrides, instantiate, resolve_component
 from tunelite.errors import ConfigError
 from tunelite.models.decoder import ModelArgs
 from tunelite.modules.lora import LoRALinear, is_adapter_key
+from tunelite.modules.loss import MAX_CHUNK_TOKENS, loss_chunks
+from tunelite.modules.memory_policy import (
+    KEEP,
+    MLP_CHUNK_TOKENS,
+    OFFLOAD,
+    POLICIES,
+    RECOMPUTE,
+    RECOMPUTE_OFFLOAD,
+    offloads,
+    uniform_policies,
+)
+from tunelite.modules.offload import MIN_OFFLOAD_BYTES
 from tunelite.modules.nf4 import BLOCK_SIZE as NF4_BLOCK
 from tunelite.recipe_registry import RecipeDeclarations
 from tunelite.runtime.device import get_dtype
@@ -48,10 +68,12 @@ IN_LAYER, IN_LOSS, OUTPUT_GRADIENT = ("backward through a layer", "the loss's ba
 # cuBLAS's workspace on Hopper (CUBLAS_WORKSPACE_CONFIG=:4096:8), allocated through PyTorch's allocator.
 CUBLAS_WORKSPACE = 32 * 2**20
 # On the card but not in max_memory_allocated: the CUDA context with its kernels (about 0.5 GiB
-# with lazy loading), and what the caching allocator reserves beyond what is allocated (its
-# reserved/allocated ratio was 1.05-1.23 in the six H100 runs above).
+# with lazy loading), and what the caching allocator reserves beyond what is allocated. The
+# reserve tracks what a step allocates and frees (gradients, activations, logits), not the
+# weights, which are allocated once: it was 37-47% of that part in the five H200 runs of
+# ../shared/bench/ANCHORS.md (LoRA and QLoRA at 2 x 2048, QLoRA at 16k, 32k and 64k tokens).
 CUDA_CONTEXT = GIB // 2
-ALLOCATOR_RESERVE = 0.20
+ALLOCATOR_RESERVE = 0.40
 # torchao's NF4: 4-bit codes, an int8 scale per 64 values, and per 256 scales one scale in the
 # weight's dtype (double quantization).
 NF4_SCALER_BLOCK = 256
@@ -78,6 +100,7 @@ class MemoryEstimate:
     setup: str
     other_moments: dict[str, int] = field(default_factory=dict)  # allocated at the other candidate peaks
     notes: list[str] = field(default_factory=list)
+    host_bytes: int = 0  # pinned host memory of offloaded activations
 
     @property
     def total(self) -> int:
@@ -96,6 +119,8 @@ class MemoryEstimate:
                 lines += [f"  {'':<33}   ({gib(other)} during {when})" for when, other in self.other_moments.items()]
             lines.append(f"  {name:<24}{gib(size):>9}   {self.details.get(name, '')}".rstrip())
         lines.append(f"  {'= needed on the card':<24}{gib(self.total):>9}")
+        if self.host_bytes:
+            lines.append(f"  {'host memory (pinned)':<24}{gib(self.host_bytes):>9}   offloaded activations")
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
@@ -120,7 +145,11 @@ class RecipeMemory:
 
 def recipe_memory(declarations: RecipeDeclarations) -> RecipeMemory:
     """The declared facts of a training recipe; a recipe that declares no MEMORY (generation) is refused."""
-    name, memory = declarations.keys.recipe, declarations.memory
+    return memory_facts(declarations.keys.recipe, declarations.memory)
+
+
+def memory_facts(name: str, memory: Any) -> RecipeMemory:
+    """A recipe's MEMORY declaration, checked, as the memory model takes it."""
     if not isinstance(memory, dict) or memory.get("trains") not in ("adapters", "all"):
         raise ConfigError(f"{name} declares no MEMORY = {{'trains': 'adapters' | 'all', ...}}, so its memory cannot "
                           "be estimated; `tunelite estimate` models training recipes")
@@ -172,31 +201,50 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> float:
     return numel / 2 + numel / NF4_BLOCK + numel / (NF4_BLOCK * NF4_SCALER_BLOCK) * dtype_bytes
 
 
-def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, adapters: list[LoRALinear], seq_len: int) -> float:
-    """What one layer's forward keeps for its backward, per token (besides the layer's input):
-    eager PyTorch with flash attention, whose memory is linear in the sequence length, except
-    where the family's attention cannot use it (Gemma 2's capped scores: per head, each token
-    keeps a row of `seq_len` scores, probabilities in fp32 and in the weights' dtype)."""
-    d, hd, inter = args.embed_dim, args.resolved_head_dim, args.intermediate_dim
+def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int,
+                            adapters: dict[str, LoRALinear]) -> tuple[list[float], list[float]]:
+    """What one layer's forward keeps for its backward, tensor by tensor, in bytes per token
+    (besides the layer's input): (attention half, MLP half). Eager PyTorch with flash attention,
+    whose memory is linear in the sequence length (Gemma 2's capped scores add
+    `attention_scores_bytes`). The family's layer decides: gated or plain MLP, q/k norms, fused
+    qkv, post-norms. `adapters`: the layer's, by module name."""
+    d, hd, inter, p = args.embed_dim, args.resolved_head_dim, args.intermediate_dim, dtype_bytes
     q, kv = args.num_heads * hd, args.num_kv_heads * hd
-    capped = args.attn_softcap is not None
-    kept = (
-        d  # sa_norm output: input of q/k/v (and of their adapters)
-        + (q + 2 * (q if capped else kv))  # q and k after RoPE, v (k and v shared out to every head when capped)
-        + ((q + kv) if args.qk_norm else 0)  # q and k before their norms (Qwen 3)
-        + ((q + kv) if args.fused_qkv and not args.learned_positions else 0)  # qkv_proj's output, held by v's view
-        + q  # attention output: SDPA's output and output_proj's input (one tensor)
-        + d  # residual stream after attention: mlp_norm's input
-        + d  # mlp_norm output: input of w1 and w3
-        # gated: w1 and w3 outputs, act(w1 x), and their product (w2's input); plain: w1's output and act's
-        + (4 if args.gated_mlp else 2) * inter
-        + (2 * d if args.post_norms else 0)  # the attention and MLP outputs, inputs of Gemma's post-norms
-        + sum(a.rank for a in adapters)  # x A^T, lora_b's input
-    ) * dtype_bytes
-    fp32 = 4 * args.num_heads + 2 * 4 * (2 if args.post_norms else 1)  # SDPA's logsumexp per head, each norm's 1 / rms
-    scores = args.num_heads * seq_len * (2 * dtype_bytes + 4) + seq_len if capped else 0  # + the boolean mask
-    dropout = sum(a.in_dim * (dtype_bytes + 1) for a in adapters if isinstance(a.dropout, torch.nn.Dropout))
-    return kept + fp32 + scores + dropout
+    shared = q if args.attn_softcap is not None else kv  # capped attention shares k and v out to every head
+    norms = 2 if args.post_norms else 1  # 1 / rms of each norm of a half, in fp32
+
+    def lora(half: str) -> list[float]:
+        # x A^T (lora_b's input), and with dropout its output and mask
+        return [a.rank * p + (a.in_dim * (p + 1) if isinstance(a.dropout, torch.nn.Dropout) else 0)
+                for name, a in adapters.items() if name.startswith(half)]
+
+    attention = [
+        d * p,  # sa_norm output: input of q/k/v (and of their adapters)
+        q * p, shared * p, shared * p,  # q, k after RoPE, v
+        *([(q + kv) * p] if args.qk_norm else []),  # q and k before their norms (Qwen 3)
+        *([(q + kv) * p] if args.fused_qkv and not args.learned_positions else []),  # qkv_proj's output, v's base
+        q * p,  # attention output: SDPA's output and output_proj's input (one tensor)
+        *([d * p] if args.post_norms else []),  # the attention output projected: Gemma's post-norm input
+        d * p,  # residual stream after attention: mlp_norm's input (and the MLP chunks')
+        4 * args.num_heads, 4 * norms,  # SDPA's logsumexp per head, the norms' 1 / rms (fp32)
+        *lora("attn."),
+    ]
+    mlp = [
+        d * p,  # mlp_norm output: input of w1 and w3
+        # gated: w1 and w3 outputs, act(w1 x), their product (w2's input); plain: w1's output and act's
+        *[inter * p] * (4 if args.gated_mlp else 2),
+        *([d * p] if args.post_norms else []),  # the MLP output: Gemma's post-norm input
+        4 * norms,  # the norms' 1 / rms (fp32)
+        *lora("mlp."),
+    ]
+    return attention, mlp
+
+
+def attention_scores_bytes(args: ModelArgs, dtype_bytes: int) -> float:
+    """Per token and per key position, what attention that cannot run as flash attention keeps:
+    Gemma 2's capped scores, probabilities in fp32 and in the weights' dtype, per head, and the
+    boolean mask. 0 for every other family."""
+    return args.num_heads * (2 * dtype_bytes + 4) + 1 if args.attn_softcap is not None else 0
 
 
 def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
@@ -207,12 +255,193 @@ def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
     return (2 * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
-def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
-    """The peak GPU memory of `recipe` on `cfg` (batch_size x tokenizer.max_seq_len, the longest a
-    batch can be, times the sequences a sample holds), by component. Reads the checkpoint's config.json, nothing else on disk.
+def attention_backward_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
+    """What flash attention's backward adds to the attention half's saved tensors: the residual
+    stream's gradient and the attention output's, dq, dk and dv expanded to every query head (then
+    summed to the kv heads), and dq's fp32 accumulator; less the residual stream after attention,
+    freed with the MLP's backward. Once the MLP runs in chunks, this is a layer's peak."""
+    q_heads, kv_heads = args.num_heads * args.resolved_head_dim, args.num_kv_heads * args.resolved_head_dim
+    return (4 * q_heads + 2 * kv_heads) * dtype_bytes + 4 * q_heads
+
+
+def pinned_bytes(size: float) -> int:
+    """Host memory a pinned copy of `size` bytes takes: PyTorch's caching host allocator rounds
+    each block up to a power of two."""
+    return 2 ** math.ceil(math.log2(size)) if size >= 1 else 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `set_memory_policy` applies: a policy per layer, and the size of the MLP's chunks
+    (None: the MLP runs whole)."""
+
+    layers: tuple[str, ...]
+    mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS
+
+    def chunks_mlp(self, tokens: int) -> bool:
+        return self.mlp_chunk_tokens is not None and tokens > self.mlp_chunk_tokens
+
+    def describe(self, tokens: int) -> str:
+        """E.g. `recompute every layer`, `keep 9, recompute 23`, `..., MLP in chunks of 8192 tokens`."""
+        counts = {policy: self.layers.count(policy) for policy in POLICIES if policy in self.layers}
+        text = (f"{self.layers[0]} every layer" if len(counts) == 1
+                else ", ".join(f"{policy} {count}" for policy, count in counts.items()))
+        return text + (f", MLP in chunks of {self.mlp_chunk_tokens} tokens" if self.chunks_mlp(tokens) else "")
+
+
+def switches_plan(num_layers: int, checkpointing: bool, offloading: bool) -> MemoryPlan:
+    """The plan of enable_activation_checkpointing and enable_activation_offloading, as torchtune means them."""
+    return MemoryPlan(tuple(uniform_policies(num_layers, checkpointing, offloading)))
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """A config's memory facts that no memory policy changes, from which `estimate` predicts the
+    peak under any plan and batch shape: the model is built on the meta device once, and a
+    search over plans or lengths evaluates arithmetic only."""
+
+    recipe: RecipeMemory
+    args: ModelArgs
+    dtype: str
+    p: int  # bytes per value of the training dtype
+    batch: int
+    seq: int
+    loss_chunking: tuple[int, int]  # the loss's num_chunks and max_chunk_tokens
+    optimizer: _Optimizer
+    persistent: dict[str, float]  # weights, adapter, optimizer state: the same at every moment
+    resident_grads: float  # gradients held through the step
+    layer_grads: float  # gradients of one layer, while it is in backward
+    output_grad: float  # the output projection's gradient, when it trains
+    attention_saved: tuple[float, ...]  # saved_tensors_per_token
+    mlp_saved: tuple[float, ...]
+    attention_scores: float  # attention_scores_bytes: per token and key position
+    largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
+    details: dict[str, str]
+    notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
+
+    def estimate(self, plan: MemoryPlan, batch: int | None = None, seq: int | None = None) -> MemoryEstimate:
+        """The peak under `plan` at batch x seq (by default the config's), by component."""
+        args, p, recipe = self.args, self.p, self.recipe
+        batch, seq = batch or self.batch, seq or self.seq
+        sequences = batch * recipe.sequences_per_sample
+        tokens = sequences * seq
+        chunk_tokens = sequences * math.ceil(seq / loss_chunks(sequences, seq, *self.loss_chunking))
+        hidden = tokens * args.embed_dim * p  # a layer's input, the residual stream
+        chunked = plan.chunks_mlp(tokens)
+        piece = sequences * max(1, plan.mlp_chunk_tokens // sequences) if chunked else tokens
+        attention_saved = tokens * (sum(self.attention_saved) + seq * self.attention_scores)
+        mlp_saved = sum(self.mlp_saved)
+        saved = attention_saved + (0 if chunked else tokens * mlp_saved)
+        # Beyond a layer's input and attention half, at its backward's peak: the SwiGLU's backward
+        # (over the whole sequence, or one chunk while the chunks' input gradients gather), or
+        # flash attention's once the MLP half is freed.
+        mlp_extra = piece * backward_extra_bytes_per_token(args, p)
+        if self.largest_nf4:  # w2's backward: its incoming gradients and its dequantized copy
+            mlp_extra = max(mlp_extra, piece * (2 * args.embed_dim + args.intermediate_dim) * p + self.largest_nf4 * p)
+        in_backward = max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
+                          tokens * attention_backward_bytes_per_token(args, p))
+
+        # Layer by layer through backward: the lower layers' resident activations, this layer's
+        # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
+        resident = {KEEP: hidden + saved, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0}
+        fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: hidden}
+        below, in_layer, previous, host = 0.0, 0.0, None, 0
+        for policy in plan.layers:
+            ahead = fetched[previous] if offloads(policy) and previous else 0
+            in_layer = max(in_layer, below + hidden + attention_saved + in_backward + ahead)
+            below += resident[policy]
+            if offloads(policy):
+                previous = policy
+                host += self._host_bytes(policy, tokens, chunked)
+        at_loss = below + 3 * hidden  # and the final norm's input and output, and their gradient
+        # Gemma 2's capped logits add the tanh's output and its gradient, in the weights' dtype.
+        loss_chunk = (12 + (2 * p if args.final_softcap else 0)) * chunk_tokens * args.vocab_size
+
+        # (gradients, activations, logits/loss) at each moment that can be the peak
+        counted = 1 if self.optimizer.keeps_all_gradients else 0  # resident gradients include the output's
+        moments = {
+            IN_LAYER: (self.resident_grads + self.layer_grads, in_layer, 0),
+            IN_LOSS: (self.resident_grads + self.output_grad * (1 - counted), at_loss, loss_chunk),
+        }
+        if self.output_grad:
+            moments[OUTPUT_GRADIENT] = (self.resident_grads + self.output_grad * (3 - counted), at_loss, 0)
+        peak_during, (grads, activations, loss) = max(moments.items(), key=lambda moment: sum(moment[1]))
+        components = {WEIGHTS: self.persistent[WEIGHTS], ADAPTER: self.persistent[ADAPTER], GRADIENTS: grads,
+                      OPTIMIZER: self.persistent[OPTIMIZER], ACTIVATIONS: activations, LOSS: loss,
+                      WORKSPACE: CUBLAS_WORKSPACE}
+        components[OVERHEAD] = CUDA_CONTEXT + ALLOCATOR_RESERVE * (grads + activations + loss)
+
+        in_layer_peak = peak_during == IN_LAYER
+        policy = plan.describe(tokens)
+        details = {
+            **self.details,
+            GRADIENTS: self.details[GRADIENTS] + ("; the output projection's, summed over loss chunks"
+                                                  if self.output_grad and not in_layer_peak else ""),
+            ACTIVATIONS: f"{policy}" + (" + the layer in backward" if in_layer_peak else " + the final hidden states"),
+            LOSS: f"one loss chunk: {chunk_tokens} tokens x {args.vocab_size} vocabulary in fp32" if loss else "",
+        }
+        setup = f"{recipe.recipe}, batch {batch} x {seq} tokens, {self.dtype}, {policy}"
+        persistent = sum(self.persistent.values()) + CUBLAS_WORKSPACE
+        others = {when: int(persistent + sum(parts)) for when, parts in moments.items() if when != peak_during}
+        return MemoryEstimate({k: int(v) for k, v in components.items()}, details, peak_during, setup, others,
+                              list(self.notes), host)
+
+    def _host_bytes(self, policy: str, tokens: int, chunked: bool) -> int:
+        """Pinned host memory of one offloaded layer: its input, or every tensor it saves that is
+        large enough to move (the MLP's only when the MLP runs whole)."""
+        if policy == RECOMPUTE_OFFLOAD:
+            return pinned_bytes(tokens * self.args.embed_dim * self.p)
+        tensors = [self.args.embed_dim * self.p, *self.attention_saved, *(() if chunked else self.mlp_saved)]
+        return sum(pinned_bytes(tokens * size) for size in tensors if tokens * size >= MIN_OFFLOAD_BYTES)
+
+    def fastest_plan(self, budget: int, batch: int | None = None,
+                     seq: int | None = None) -> tuple[MemoryPlan, MemoryEstimate] | None:
+        """The fastest plan whose estimate fits `budget` bytes on the card, or None: the fewest
+        recomputed layers first (the first layers kept, the rest recomputed), then the fewest of
+        those offloaded; the MLP in chunks only when nothing fits without. `offload` without
+        recomputation is never chosen: it moves a layer's every activation over PCIe (about 22x
+        its input at Llama sizes), slower than recomputing it unless the copy hides behind compute."""
+        layers = self.args.num_layers
+        tokens = (batch or self.batch) * self.recipe.sequences_per_sample * (seq or self.seq)
+        for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
+            for recomputed in range(layers + 1):
+                plans = [MemoryPlan((KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded
+                                    + (RECOMPUTE,) * (recomputed - offloaded), chunk) for offloaded in range(recomputed + 1)]
+                if self.estimate(plans[-1], batch, seq).total > budget:
+                    continue  # not even with every recomputed layer offloaded
+                for plan in plans:
+                    result = self.estimate(plan, batch, seq)
+                    if result.total <= budget:
+                        return plan, result
+        return None
+
+    def longest_sequence(self, budget: int, step: int = 1024) -> tuple[int, MemoryPlan, MemoryEstimate] | None:
+        """The longest sample (batch 1, a multiple of `step` tokens) whose fastest plan fits
+        `budget`, by binary search on the estimate, with that plan; None if not even `step` fits."""
+        leanest = MemoryPlan((RECOMPUTE_OFFLOAD,) * self.args.num_layers)
+
+        def fits(seq: int) -> bool:
+            return self.estimate(leanest, 1, seq).total <= budget
+
+        if not fits(step):
+            return None
+        low, high = 1, 2
+        while fits(high * step) and high < 2**12:  # up to 4M tokens
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle * step) else (low, middle)
+        seq = low * step
+        plan, result = self.fastest_plan(budget, 1, seq)
+        return seq, plan, result
+
+
+def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
+    """The facts `MemoryModel` predicts from, for `recipe` on `cfg`: reads the checkpoint's
+    config.json, nothing else on disk, and builds the model on the meta device.
 
     Formulas, with T = batch x seq tokens, L layers, d embed_dim, I intermediate_dim, V vocab,
-    p bytes per value of `dtype`, C = loss.num_chunks:
+    p bytes per value of `dtype`, C = loss chunks (`loss_chunks`):
       weights      every frozen or trained weight: p per value, NF4 weights `nf4_bytes`
       adapter      LoRA A and B: p per value
       gradients    p per trained value (optimizer_in_bwd: a layer's largest trained tensor;
@@ -220,16 +449,18 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
                    gradient is summed over the loss chunks out of place: 3 V d p at that moment
       optimizer    AdamW: 2 p per trained value (state in the parameter's dtype); torchao 8-bit
                    2 (1 + 4/256), 4-bit 2 (0.5 + 4/128); cpu_offload_optimizer: none
-      activations  checkpointing: L T d p (each layer's input) + T saved + T extra (one layer
-                   recomputed, `saved_bytes_per_token`, `backward_extra_bytes_per_token`,
-                   which follow the family's layer: gated or plain MLP, q/k norms, fused qkv,
-                   Gemma's post-norms and capped attention scores, quadratic in seq);
-                   without: L T (saved + d p) + T extra. At the loss: the saved part + 3 T d p
-                   (final norm input and output, their gradient)
+      activations  per layer, by its policy: keep T (d p + saved), recompute T d p, offloaded
+                   none; plus, at the peak of the backward through a layer, that layer's input
+                   and saved activations and its backward's gradients
+                   (`saved_tensors_per_token`, `backward_extra_bytes_per_token`,
+                   `attention_backward_bytes_per_token`; the MLP's for one chunk when it runs in
+                   chunks), and an offloaded layer's predecessor fetched ahead. At the loss: the
+                   resident part + 3 T d p (final norm input and output, their gradient)
       logits/loss  12 bytes x (T / C) x V: one chunk's fp32 log-softmax, its gradient and the
                    logits' gradient (+ 2 p for Gemma 2's capped logits)
       workspace    cuBLAS's, 32 MiB
       context      0.5 GiB CUDA context + 20% allocator reserve: counted to fit a card only.
+      host         pinned copies of the offloaded tensors, each rounded up to a power of two.
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward."""
     with torch.device("meta"):
         model = instantiate(cfg.model)
@@ -244,11 +475,11 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     seq = cfg.tokenizer.get("max_seq_len")
     if not seq:
         raise ConfigError("tokenizer.max_seq_len: not set, so the longest batch is unknown; set it or pass --seq-len")
-    sequences = cfg.batch_size * recipe.sequences_per_sample
-    tokens = sequences * seq
-    chunk_tokens = sequences * math.ceil(seq / getattr(instantiate(cfg.loss), "num_chunks", 1))
-    checkpointing = bool(cfg.enable_activation_checkpointing)
+    loss = instantiate(cfg.loss)
     optimizer = _optimizer_facts(cfg, recipe)
+    notes = (("compile: True usually needs less than this eager estimate",) if cfg.get("compile") else ()) + (
+        () if found else (f"no {config_json}: the sizes are those of {cfg.model._component_}, unchecked against "
+                          "a checkpoint",))
 
     params = dict(model.named_parameters())
     quantized = nf4_weight_names(model)
@@ -270,58 +501,39 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory) -> MemoryEstimate:
     else:
         resident_grads, layer_grads = 0.0, sum(layer_trained)
     output_trains = "output.weight" in trained or (args.tie_word_embeddings and "tok_embeddings.weight" in trained)
-    output_grad = args.vocab_size * args.embed_dim * p if output_trains else 0
-    # The output projection's gradient is summed over the loss chunks out of place (old + new ->
-    # sum): three copies at once, one of which resident gradients already count.
-    counted = 1 if optimizer.keeps_all_gradients else 0
-
-    layer_adapters = [m for m in layer.modules() if isinstance(m, LoRALinear)]
-    saved = tokens * saved_bytes_per_token(args, p, layer_adapters, seq)
-    extra = tokens * backward_extra_bytes_per_token(args, p)
-    largest_nf4 = max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0)
-    if largest_nf4:
-        # w2's backward: the saved activations, the incoming gradients and w2's dequantized copy.
-        extra = max(extra, tokens * (2 * args.embed_dim + args.intermediate_dim) * p + largest_nf4 * p)
-    hidden = tokens * args.embed_dim * p
-    stored = args.num_layers * hidden if checkpointing else args.num_layers * (hidden + saved)
-    at_loss = stored + 3 * hidden
-    # Gemma 2's capped logits add the tanh's output and its gradient, in the weights' dtype.
-    loss_chunk = (12 + (2 * p if args.final_softcap else 0)) * chunk_tokens * args.vocab_size
-
-    # (gradients, activations, logits/loss) at each moment that can be the peak
-    moments = {
-        IN_LAYER: (resident_grads + layer_grads, stored + (saved if checkpointing else 0) + extra, 0),
-        IN_LOSS: (resident_grads + output_grad * (1 - counted), at_loss, loss_chunk),
-    }
-    if output_trains:
-        moments[OUTPUT_GRADIENT] = (resident_grads + output_grad * (3 - counted), at_loss, 0)
-    peak_during, (grads, activations, loss) = max(moments.items(), key=lambda moment: sum(moment[1]))
-    in_layer = peak_during == IN_LAYER
-    components = {WEIGHTS: weights, ADAPTER: adapter, GRADIENTS: grads, OPTIMIZER: state, ACTIVATIONS: activations,
-                  LOSS: loss, WORKSPACE: CUBLAS_WORKSPACE}
-    components[OVERHEAD] = CUDA_CONTEXT + ALLOCATOR_RESERVE * sum(components.values())
-
+    layer_adapters = {name: m for name, m in layer.named_modules() if isinstance(m, LoRALinear)}
+    attention_saved, mlp_saved = saved_tensors_per_token(args, p, layer_adapters)
     details = {
         WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=not recipe.trains_all),
         ADAPTER: f"{sum(params[n].numel() for n in adapters) / 1e6:.1f}M trained values" if adapters else "",
-        GRADIENTS: _gradient_detail(optimizer) + ("; the output projection's, summed over loss chunks"
-                                                  if output_trains and not in_layer else ""),
+        GRADIENTS: _gradient_detail(optimizer),
         OPTIMIZER: (f"{optimizer.name} in host memory (cpu_offload_optimizer)" if optimizer.offloaded
                     else f"{optimizer.name}, for {sum(params[n].numel() for n in trained) / 1e6:.1f}M trained values"),
-        ACTIVATIONS: (f"{args.num_layers} saved layer inputs" if checkpointing
-                      else f"all {args.num_layers} layers' activations (no checkpointing)")
-                     + (" + one layer recomputed" if in_layer else " + the final hidden states"),
-        LOSS: f"one loss chunk: {chunk_tokens} tokens x {args.vocab_size} vocabulary in fp32" if loss else "",
-        OVERHEAD: f"{gib(CUDA_CONTEXT)} context + {ALLOCATOR_RESERVE:.0%} allocator reserve; not in peak allocated",
+        OVERHEAD: (f"{gib(CUDA_CONTEXT)} context + allocator reserve ({ALLOCATOR_RESERVE:.0%} of gradients, "
+                   "activations and logits); not in peak allocated"),
     }
-    notes = ["compile: True usually needs less than this eager estimate"] if cfg.get("compile") else []
-    if not found:
-        notes.append(f"no {config_json}: the sizes are those of {cfg.model._component_}, unchecked against a checkpoint")
-    setup = (f"{recipe.recipe}, batch {cfg.batch_size} x {seq} tokens, {cfg.dtype}, activation checkpointing "
-             f"{'on' if checkpointing else 'off'}")
-    persistent = weights + adapter + state + CUBLAS_WORKSPACE
-    others = {when: int(persistent + sum(parts)) for when, parts in moments.items() if when != peak_during}
-    return MemoryEstimate({k: int(v) for k, v in components.items()}, details, peak_during, setup, others, notes)
+    return MemoryModel(
+        recipe, args, cfg.dtype, p, cfg.batch_size, seq,
+        (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
+        {WEIGHTS: weights, ADAPTER: adapter, OPTIMIZER: state}, resident_grads, layer_grads,
+        args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
+        attention_scores_bytes(args, p),
+        max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0), details,
+        notes,
+    )
+
+
+def estimate_memory(cfg: DictConfig, recipe: RecipeMemory, plan: MemoryPlan | None = None) -> MemoryEstimate:
+    """The peak GPU memory of `recipe` on `cfg` (batch_size x tokenizer.max_seq_len, the longest a
+    batch can be, times the sequences a sample holds), by component, under `plan` (by default the
+    plan of the config's enable_activation_checkpointing and enable_activation_offloading)."""
+    model = memory_model(cfg, recipe)
+    return model.estimate(plan or config_switches_plan(cfg, model.args.num_layers))
+
+
+def config_switches_plan(cfg: DictConfig, num_layers: int) -> MemoryPlan:
+    return switches_plan(num_layers, bool(cfg.enable_activation_checkpointing),
+                         bool(cfg.get("enable_activation_offloading", False)))
 
 
 def _weights_detail(params: dict[str, torch.Tensor], adapters: set[str], quantized: set[str], dtype: str,

@@ -1,0 +1,213 @@
+"""Per-layer memory policies (keep, recompute, offload, recompute+offload): the same gradients
+under each, what the offloader moves and when, and how a recipe chooses its plan."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import TINY, random_model
+from test_training_recipes import run_recipe
+from tunelite.config import load_recipe_config
+from tunelite.errors import ConfigError, ResourceError
+from tunelite.models.llama import LoRAArgs, lora_llama, set_activation_checkpointing
+from tunelite.modules.lora import set_trainable_params
+from tunelite.modules.memory_policy import (
+    KEEP,
+    OFFLOAD,
+    POLICIES,
+    RECOMPUTE,
+    RECOMPUTE_OFFLOAD,
+    set_memory_policy,
+    uniform_policies,
+)
+from tunelite.modules.offload import ActivationOffloader
+from tunelite.recipe_registry import get_recipe, read_declarations
+from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model
+from tunelite.training.memory_policy import available_host_memory, budget_bytes, plan_memory
+
+LORA = "lora_finetune_single_device"
+MIXED = [(KEEP, RECOMPUTE_OFFLOAD), (OFFLOAD, RECOMPUTE), (RECOMPUTE_OFFLOAD, OFFLOAD)]
+
+
+def lora_model() -> torch.nn.Module:
+    """The tiny model with adapters on attention and MLP, B non-zero so every adapter gets a gradient."""
+    base = random_model()
+    torch.manual_seed(1)
+    model = lora_llama(TINY, LoRAArgs(lora_attn_modules=("q_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True))
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    set_trainable_params(model)
+    return model.train()
+
+
+def gradients(model: torch.nn.Module, policies, mlp_chunk_tokens=None, tokens=None) -> dict[str, torch.Tensor]:
+    set_memory_policy(model, policies, mlp_chunk_tokens, min_offload_bytes=0)
+    if tokens is None:
+        tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    model(tokens).float().pow(2).mean().backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("policies", [(p, p) for p in POLICIES[1:]] + MIXED, ids=str)
+@pytest.mark.parametrize("build", [lora_model, lambda: random_model().train()], ids=["lora", "full"])
+def test_gradients_are_identical_under_every_policy(policies, build):
+    kept = gradients(build(), (KEEP, KEEP))
+    other = gradients(build(), policies)
+    assert kept.keys() == other.keys() and len(kept) > 0
+    for name in kept:
+        assert torch.equal(kept[name], other[name]), name
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_mlp_in_chunks_gives_the_gradients_of_the_whole_mlp(policy):
+    whole = gradients(lora_model(), (policy, policy))
+    chunked = gradients(lora_model(), (policy, policy), mlp_chunk_tokens=16)  # 2 x 33 tokens: 5 chunks of 2 x 8
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-6)
+
+
+def test_offloading_holds_host_copies_from_forward_to_backward():
+    model = lora_model()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD, OFFLOAD), min_offload_bytes=0)
+    offloader = model.memory_policy.offloader
+    tokens = torch.randint(0, TINY.vocab_size, (2, 33))
+    loss = model(tokens).float().pow(2).mean()
+    after_forward = offloader.host_bytes
+    # The recomputed layer saves its input alone (b x s x d fp32); the plain one far more.
+    assert after_forward > 2 * 33 * TINY.embed_dim * 4 * 5
+    loss.backward()
+    assert offloader.host_bytes == 0 and offloader.peak_host_bytes == after_forward
+
+
+def test_recompute_and_offload_moves_only_each_layer_input():
+    model = lora_model()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * TINY.num_layers, min_offload_bytes=0)
+    model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+    assert model.memory_policy.offloader.peak_host_bytes == TINY.num_layers * 2 * 33 * TINY.embed_dim * 4
+
+
+def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch):
+    model = random_model().train()
+    set_memory_policy(model, (OFFLOAD, OFFLOAD), min_offload_bytes=0)
+    moved, tables = [], []
+    offload, rope = ActivationOffloader._offload, model.rope.forward
+    monkeypatch.setattr(ActivationOffloader, "_offload",
+                        lambda self, layer, t: moved.append(t.untyped_storage().data_ptr()) or offload(self, layer, t))
+    monkeypatch.setattr(model.rope, "forward", lambda *args: tables.extend(rope(*args)) or tuple(tables[-2:]))
+    model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *tables]}
+    assert moved and not set(moved) & kept
+
+
+def test_backward_fetches_the_previous_offloaded_layer_while_this_one_runs(monkeypatch):
+    """Layer i's first unpack starts layer i-1's copy back, so the copies go L-1, L-2, ... and
+    each is under way before the backward reaches its layer."""
+    model = lora_llama(dataclasses.replace(TINY, num_layers=4), LoRAArgs()).train()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * 4, min_offload_bytes=0)
+    events = []
+    fetch, unpack = ActivationOffloader._fetch, ActivationOffloader._unpack
+
+    def number(layer) -> int:  # offloaded layers count from 0 in forward order
+        return 0 if layer.previous is None else 1 + number(layer.previous)
+
+    monkeypatch.setattr(ActivationOffloader, "_fetch",
+                        lambda self, layer: events.append(("fetch", number(layer))) or fetch(self, layer))
+    monkeypatch.setattr(ActivationOffloader, "_unpack",
+                        lambda self, saved: events.append(("unpack", number(saved.layer))) or unpack(self, saved))
+    model(torch.randint(0, TINY.vocab_size, (1, 9))).float().pow(2).mean().backward()
+    assert events == [("unpack", 3), ("fetch", 3), ("fetch", 2), ("unpack", 2), ("fetch", 1), ("unpack", 1),
+                      ("fetch", 0), ("unpack", 0)]
+
+
+def test_the_switches_keep_their_torchtune_meaning():
+    assert uniform_policies(3, checkpointing=False, offloading=False) == [KEEP] * 3
+    assert uniform_policies(3, checkpointing=True, offloading=False) == [RECOMPUTE] * 3
+    assert uniform_policies(3, checkpointing=True, offloading=True) == [RECOMPUTE_OFFLOAD] * 3
+    assert uniform_policies(3, checkpointing=False, offloading=True) == [OFFLOAD] * 3
+
+
+def test_set_activation_checkpointing_is_a_shorthand_for_the_policy():
+    model = random_model()
+    set_activation_checkpointing(model, 2)
+    assert model.memory_policy.layers == (RECOMPUTE, KEEP)
+    set_activation_checkpointing(model, 0)
+    assert model.memory_policy.layers == (KEEP, KEEP) and model.memory_policy.offloader is None
+
+
+@pytest.mark.parametrize("policies", [(KEEP,), (KEEP, "checkpoint")])
+def test_a_policy_list_must_name_one_known_policy_per_layer(policies):
+    with pytest.raises(ConfigError, match="one per layer"):
+        set_memory_policy(random_model(), policies)
+
+
+def test_evaluation_runs_the_layers_plainly_under_any_policy():
+    model = lora_model()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD, OFFLOAD), min_offload_bytes=0)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        model(tokens)
+    assert model.memory_policy.offloader.peak_host_bytes == 0
+
+
+# --- the plan a recipe applies ------------------------------------------------------------------
+
+
+def tiny_cfg(*overrides: str):
+    return load_recipe_config("tiny/lora_cpu", read_declarations(get_recipe(LORA).path).keys, list(overrides))
+
+
+MEMORY = {"trains": "adapters", "sequences_per_sample": 1}
+
+
+def test_without_a_budget_the_plan_is_the_switches(capsys):
+    plan = plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, False, None)
+    assert plan.layers == (RECOMPUTE, RECOMPUTE)
+    assert capsys.readouterr().out == ""  # nothing offloaded, nothing to check or say
+
+
+def test_a_budget_picks_what_the_estimate_says(capsys):
+    cfg = tiny_cfg("batch_size=2")
+    model = memory_model(cfg, memory_facts(LORA, MEMORY))
+    between = (model.estimate(MemoryPlan((KEEP, KEEP))).total + model.estimate(MemoryPlan((KEEP, RECOMPUTE))).total) / 2
+    for budget in (between / GIB, 24):
+        plan = plan_memory(cfg, MEMORY, 2, torch.device("cpu"), False, False, budget)
+        assert plan == model.fastest_plan(budget_bytes(budget, torch.device("cpu")))[0]
+    assert "memory policy: keep every layer" in capsys.readouterr().out
+
+
+def test_a_budget_nothing_fits_is_refused_with_what_the_leanest_plan_needs():
+    with pytest.raises(ResourceError, match="memory_budget_gib: no memory policy fits.*even recomputing"):
+        plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, False, 0.01)
+
+
+def test_auto_budget_without_a_gpu_falls_back_to_the_switches(capsys):
+    plan = plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, True, "auto")
+    assert plan.layers == (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD)
+    out = capsys.readouterr().out
+    assert "auto has no GPU" in out and "pinned host memory" in out
+    with pytest.raises(ConfigError, match="memory_budget_gib: 'lots'"):
+        budget_bytes("lots", torch.device("cpu"))
+
+
+def test_offloading_more_than_the_machine_has_is_refused_before_the_run(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:       10 kB\n")
+    assert available_host_memory(meminfo) == 10 * 1024
+    with pytest.raises(ResourceError, match="pinned host memory.*MemAvailable"):
+        plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, True, None, meminfo)
+    assert available_host_memory(tmp_path / "absent") is None
+
+
+def test_the_recipe_trains_the_same_with_its_activations_offloaded(tmp_path, capsys):
+    """The switches reach the model through the recipe: the same losses, and the plan in the log."""
+    common = ["max_steps_per_epoch=2", "epochs=1", "save_merged_model=False"]
+    plain = run_recipe(LORA, "tiny/lora_cpu", tmp_path / "plain", *common)
+    offloaded = run_recipe(LORA, "tiny/lora_cpu", tmp_path / "offloaded", *common,
+                           "enable_activation_checkpointing=True", "+enable_activation_offloading=True")
+    assert "memory policy: recompute+offload every layer" in capsys.readouterr().out
+    losses = [[row["loss"] for row in rows if "loss" in row] for rows in (plain, offloaded)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

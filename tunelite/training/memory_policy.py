@@ -1,0 +1,104 @@
+"""The memory plan a training run applies: torchtune's two switches, or the fastest that fits a budget.
+
+Without `memory_budget_gib`, every layer gets the policy of enable_activation_checkpointing and
+enable_activation_offloading, as in torchtune. With it, the memory model of `tunelite estimate`
+(tunelite.training.memory_estimate, the one and only copy) picks the plan: the fewest layers
+recomputed, then the fewest offloaded, such that the predicted peak fits the budget. Either way,
+a plan that offloads is checked against the machine's available host memory before anything runs.
+"""
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tunelite.errors import ConfigError, ResourceError
+from tunelite.modules.memory_policy import RECOMPUTE_OFFLOAD, offloads
+from tunelite.training.memory_estimate import (
+    GIB,
+    MemoryEstimate,
+    MemoryPlan,
+    gib,
+    memory_facts,
+    memory_model,
+    switches_plan,
+)
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def budget_bytes(budget: float | str, device: torch.device) -> int | None:
+    """memory_budget_gib in bytes: a number of GiB, or `auto`, the card's whole memory (None when
+    the run has no GPU). Counted as `tunelite estimate` counts a card: CUDA context and allocator
+    reserve included."""
+    if budget == "auto":
+        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        value = 0.0
+    if value <= 0:
+        raise ConfigError(f"memory_budget_gib: {budget!r} is not a memory size; give GiB (e.g. 22) or auto "
+                          "(the GPU's memory)")
+    return int(value * GIB)
+
+
+def available_host_memory(meminfo: Path = MEMINFO) -> int | None:
+    """The host memory the kernel could give a new allocation now (MemAvailable), in bytes; None
+    where /proc/meminfo does not say (not Linux)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "MemAvailable":
+                return int(value.split()[0]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(needed: int, available: int | None) -> None:
+    """Refuses, before the run starts, a plan whose offloaded activations need more pinned host
+    memory than the machine has available: pinned pages cannot be swapped, so the run would
+    otherwise die (or take the machine down) in its first backward pass."""
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"offloading activations needs {gib(needed)} of pinned host memory, and this machine has "
+            f"{gib(available)} available (MemAvailable in /proc/meminfo). Offload fewer layers (set "
+            "enable_activation_offloading: False, or memory_budget_gib to the card's size so only what "
+            "must be offloaded is), or shorten tokenizer.max_seq_len")
+
+
+def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.device, checkpointing: bool,
+                offloading: bool, budget: float | str | None, meminfo: Path = MEMINFO) -> MemoryPlan:
+    """The plan for `set_memory_policy`: the switches', or with `budget` (memory_budget_gib) the
+    fastest the estimate fits in it. `memory`: the recipe's MEMORY declaration. Prints the plan
+    and, when it offloads, the pinned host memory it takes; raises ResourceError when nothing fits
+    the budget or the host lacks the memory."""
+    plan = switches_plan(num_layers, checkpointing, offloading)
+    card = budget_bytes(budget, device) if budget is not None else None
+    if budget is not None and card is None:
+        print(f"memory_budget_gib: auto has no GPU to size on {device.type}; using the switches' plan")
+    if card is None and not any(offloads(policy) for policy in plan.layers):
+        return plan
+    model = memory_model(cfg, memory_facts("this recipe", memory))
+    if card is not None:
+        found = model.fastest_plan(card)
+        if found is None:
+            leanest = model.estimate(MemoryPlan((RECOMPUTE_OFFLOAD,) * num_layers))
+            raise ResourceError(
+                f"memory_budget_gib: no memory policy fits batch {model.batch} x {model.seq} tokens in {gib(card)}; "
+                f"even recomputing and offloading every layer needs {gib(leanest.total)}. Lower batch_size or "
+                "tokenizer.max_seq_len, or use a QLoRA config")
+        plan, estimate = found
+    else:
+        estimate = model.estimate(plan)
+    print(describe_plan(plan, estimate, model.batch * model.seq))
+    check_host_memory(estimate.host_bytes, available_host_memory(meminfo))
+    return plan
+
+
+def describe_plan(plan: MemoryPlan, estimate: MemoryEstimate, tokens: int) -> str:
+    """The line a run logs about its plan."""
+    host = f", {gib(estimate.host_bytes)} of pinned host memory for offloaded activations" if estimate.host_bytes else ""
+    return (f"memory policy: {plan.describe(tokens)}; predicted peak {gib(estimate.peak_allocated)} allocated, "
+            f"{gib(estimate.total)} on the card{host}")

@@ -32,8 +32,8 @@ class _Layer:
     """The tensors one layer's forward offloaded, in host memory until its backward fetches them."""
 
     previous: "_Layer | None"
-    host: list[torch.Tensor] = field(default_factory=list)
-    by_key: dict[tuple, int] = field(default_factory=dict)  # one copy of a tensor saved twice
+    host: list[torch.Tensor] = field(default_factory=list)  # whole storages, flat
+    by_key: dict[tuple, int] = field(default_factory=dict)  # one copy of a storage saved twice
     on_device: list[torch.Tensor] | None = None  # fetched; freed with the last handle autograd drops
     fetched: Any = None  # the event after which `on_device` is filled
     ready: bool = False  # the compute stream already waits for `fetched`
@@ -41,10 +41,13 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _Handle:
-    """What autograd keeps instead of an offloaded tensor."""
+    """What autograd keeps instead of an offloaded tensor: where its storage went, and its view of it."""
 
     layer: _Layer
     index: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
 
 
 class ActivationOffloader:
@@ -97,20 +100,24 @@ class ActivationOffloader:
                 and tensor.numel() * tensor.element_size() >= self.min_bytes)
 
     def _offload(self, layer: _Layer, tensor: torch.Tensor) -> _Handle:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor.dtype)
+        """Copies the tensor's whole storage, once per layer however many of its views are saved
+        (the MLP's chunks are views of one tensor), so that the tensor comes back with its exact
+        strides and offset: compiled backward graphs check them."""
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), tensor.dtype)
         if key not in layer.by_key:
+            flat = torch.as_strided(tensor.detach(), (storage.nbytes() // tensor.element_size(),), (1,), 0)
             compute = self.streams.current_stream()
             self.side.wait_stream(compute)  # the tensor's value is computed before it is copied
             with self.streams.stream(self.side):
-                host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin)
-                host.copy_(tensor, non_blocking=True)
+                host = torch.empty(flat.shape, dtype=flat.dtype, device="cpu", pin_memory=self.pin)
+                host.copy_(flat, non_blocking=True)
             self._copying.append((tensor, self.side.record_event()))
             layer.by_key[key] = len(layer.host)
             layer.host.append(host)
-            self.host_bytes += host.numel() * host.element_size()
+            self.host_bytes += storage.nbytes()
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
-        return _Handle(layer, layer.by_key[key])
+        return _Handle(layer, layer.by_key[key], tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
 
     def _release_copied(self) -> None:
         """Lets the sources of finished copies go: the compute stream waits for each copy's event,
@@ -131,7 +138,7 @@ class ActivationOffloader:
         if not layer.ready:
             self.streams.current_stream().wait_event(layer.fetched)
             layer.ready = True
-        return layer.on_device[saved.index]
+        return layer.on_device[saved.index].as_strided(saved.shape, saved.stride, saved.offset)
 
     def _fetch(self, layer: _Layer) -> None:
         """Starts copying `layer`'s tensors back. The GPU memory is taken on the compute stream,
@@ -144,7 +151,7 @@ class ActivationOffloader:
             for target, host in zip(on_device, layer.host):
                 target.copy_(host, non_blocking=True)
         layer.fetched = self.side.record_event()
-        self.host_bytes -= sum(host.numel() * host.element_size() for host in layer.host)
+        self.host_bytes -= sum(host.nbytes for host in layer.host)
         layer.host, layer.on_device = [], on_device
 
 

@@ -2,6 +2,7 @@
 under each, what the offloader moves and when, and how a recipe chooses its plan."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -103,6 +104,23 @@ def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch):
     assert moved and not set(moved) & kept
 
 
+def test_an_offloaded_view_comes_back_as_the_same_view_of_its_base_moved_once():
+    """A compiled backward checks the strides of what it saved, so a view (an MLP chunk is one)
+    must come back with its own strides and offset; its base crosses to the host once."""
+    offloader = ActivationOffloader(torch.device("cpu"), min_bytes=0)
+    unpacked, unpack = [], offloader._unpack
+    offloader._unpack = lambda saved: unpacked.append(unpack(saved)) or unpacked[-1]
+    base = torch.randn(2, 33, 8, requires_grad=True)
+    with offloader.offloaded(torch.nn.Module()):
+        pieces = (base * 1).split(8, dim=1)  # views with strides (264, 8, 1), offsets 0, 8, ..., 32
+        total = sum((piece * piece).sum() for piece in pieces)
+    assert offloader.host_bytes == base.numel() * 4
+    total.backward()
+    layout = sorted((tuple(t.shape), t.stride(), t.storage_offset()) for t in unpacked)
+    assert layout == sorted((tuple(p.shape), p.stride(), p.storage_offset()) for p in pieces for _ in "ab")
+    torch.testing.assert_close(base.grad, 2 * base.detach())
+
+
 def test_backward_fetches_the_previous_offloaded_layer_while_this_one_runs(monkeypatch):
     """Layer i's first unpack starts layer i-1's copy back, so the copies go L-1, L-2, ... and
     each is under way before the backward reaches its layer."""
@@ -179,9 +197,11 @@ def test_a_budget_picks_what_the_estimate_says(capsys):
     assert "memory policy: keep every layer" in capsys.readouterr().out
 
 
-def test_a_budget_nothing_fits_is_refused_with_what_the_leanest_plan_needs():
-    with pytest.raises(ResourceError, match="memory_budget_gib: no memory policy fits.*even recomputing"):
-        plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, False, 0.01)
+def test_a_budget_nothing_fits_runs_the_leanest_plan_and_says_what_to_change(capsys):
+    plan = plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, False, 0.01)
+    assert plan.layers == (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD)
+    assert re.search(r"no memory policy fits .* by the estimate; running the leanest.*lower batch_size",
+                     capsys.readouterr().out)
 
 
 def test_auto_budget_without_a_gpu_falls_back_to_the_switches(capsys):

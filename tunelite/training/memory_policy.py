@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.errors import ConfigError, ResourceError
-from tunelite.modules.memory_policy import RECOMPUTE_OFFLOAD, offloads
+from tunelite.modules.memory_policy import offloads
 from tunelite.training.memory_estimate import (
     GIB,
     MemoryEstimate,
@@ -71,9 +71,9 @@ def check_host_memory(needed: int, available: int | None) -> None:
 def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.device, checkpointing: bool,
                 offloading: bool, budget: float | str | None, meminfo: Path = MEMINFO) -> MemoryPlan:
     """The plan for `set_memory_policy`: the switches', or with `budget` (memory_budget_gib) the
-    fastest the estimate fits in it. `memory`: the recipe's MEMORY declaration. Prints the plan
-    and, when it offloads, the pinned host memory it takes; raises ResourceError when nothing fits
-    the budget or the host lacks the memory."""
+    fastest the estimate fits in it (the leanest, with a warning, when none does). `memory`: the
+    recipe's MEMORY declaration. Prints the plan and, when it offloads, the pinned host memory it
+    takes; raises ResourceError when the host lacks that memory."""
     plan = switches_plan(num_layers, checkpointing, offloading)
     card = budget_bytes(budget, device) if budget is not None else None
     if budget is not None and card is None:
@@ -84,14 +84,14 @@ def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.de
     if card is not None:
         found = model.fastest_plan(card)
         if found is None:
-            leanest = model.estimate(MemoryPlan((RECOMPUTE_OFFLOAD,) * num_layers))
-            raise ResourceError(
-                f"memory_budget_gib: no memory policy fits batch {model.batch} x {model.seq} tokens in {gib(card)}; "
-                f"even recomputing and offloading every layer needs {gib(leanest.total)}. Lower batch_size or "
-                "tokenizer.max_seq_len, or use a QLoRA config")
-        plan, estimate = found
-    else:
-        estimate = model.estimate(plan)
+            # The estimate's allocator reserve is cautious: try the leanest plan, and say what to change if it fails.
+            plan = switches_plan(num_layers, checkpointing=True, offloading=True)
+            print(f"memory_budget_gib: no memory policy fits batch {model.batch} x {model.seq} tokens in {gib(card)} "
+                  f"by the estimate; running the leanest, which needs {gib(model.estimate(plan).total)}. If it runs "
+                  "out of memory, lower batch_size or tokenizer.max_seq_len, or use a QLoRA config")
+        else:
+            plan = found[0]
+    estimate = model.estimate(plan)
     print(describe_plan(plan, estimate, model.batch * model.seq))
     check_host_memory(estimate.host_bytes, available_host_memory(meminfo))
     return plan

@@ -12,9 +12,11 @@ the eager rows before the compiled ones, the most important first within each:
                       host memory, the MLP in chunks): 32768, 131072, 65536, 16384
   qlora-budget        batch 2 x 2048, memory_budget_gib = the cap, compiled
   qlora-plain         batch 2 x 2048, every layer recomputed, compiled: today's memory
+  qlora-packed:SEQ    batch 1 x SEQ of packed documents (256-4096 tokens each): FlexAttention's
+                      block mask from document ids, compiled, on the GPU
   lora:SEQ, lora-budget, lora-plain     the same for LoRA 8B (bf16 base): 49152, 32768
 All rows take about 11 minutes on an H200; in two calls of at most 10:
-  --rows qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-budget,qlora-plain
+  --rows qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-budget,qlora-plain,qlora-packed:16384
   --rows lora:49152,lora:32768,lora-budget,lora-plain
 
 Each row runs one warm-up step and two timed steps as the recipe steps (hidden states, chunked
@@ -58,7 +60,7 @@ from tunelite.training.memory_estimate import GIB, memory_facts, memory_model  #
 from tunelite.training.memory_policy import plan_memory  # noqa: E402
 
 RECIPE = "lora_finetune_single_device"
-DEFAULT_ROWS = ("qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-budget,qlora-plain,"
+DEFAULT_ROWS = ("qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-budget,qlora-plain,qlora-packed:16384,"
                 "lora:49152,lora:32768,lora-budget,lora-plain")
 # Rough seconds on an H200, so that a row that cannot finish in the time left is skipped: its steps
 # (by length), loading a model, compiling the layers.
@@ -74,6 +76,7 @@ class Row:
     seq: int
     budget: bool  # memory_budget_gib = the cap, else every layer recomputed (today's default)
     compile: bool
+    packed: bool = False  # documents packed into the sequence, attending within themselves
 
 
 def parse_rows(text: str, batch_seq: int, compile_batch_rows: bool) -> list[Row]:
@@ -82,11 +85,14 @@ def parse_rows(text: str, batch_seq: int, compile_batch_rows: bool) -> list[Row]
         kind, _, rest = name.partition(":")
         if kind in ("qlora", "lora") and rest.isdigit():
             rows.append(Row(name, kind, 1, int(rest), budget=True, compile=False))
+        elif kind in ("qlora-packed", "lora-packed") and rest.isdigit():
+            rows.append(Row(name, kind.split("-")[0], 1, int(rest), budget=True, compile=False, packed=True))
         elif re.fullmatch(r"(q?lora)-(budget|plain)", name):
             kind, how = name.split("-")
             rows.append(Row(name, kind, 2, batch_seq, budget=how == "budget", compile=compile_batch_rows))
         else:
-            raise SystemExit(f"--rows: cannot read {name!r}; e.g. qlora:32768, lora:49152, qlora-budget, lora-plain")
+            raise SystemExit(f"--rows: cannot read {name!r}; e.g. qlora:32768, lora:49152, qlora-budget, lora-plain, "
+                             "qlora-packed:16384")
     return rows
 
 
@@ -114,8 +120,9 @@ class Trainee:
             f"batch_size={batch}", f"tokenizer.max_seq_len={seq}", "gradient_accumulation_steps=1",
             f"device={self.device.type}", *overrides])
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden_states(tokens)
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+             document_ids: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.model.hidden_states(tokens, positions, document_ids=document_ids)
         loss = self.loss_fn(hidden, labels, self.model.output)
         loss.backward()
         self.optimizer.step()
@@ -139,6 +146,9 @@ def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (row.batch, row.seq), generator=g).to(trainee.device)
     labels = torch.randint(0, vocab, (row.batch, row.seq), generator=g).to(trainee.device)
+    positions = document_ids = None
+    if row.packed:
+        positions, document_ids = (t.to(trainee.device) for t in packed_documents(row.seq, g))
     synchronize(trainee.device)
     if trainee.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainee.device)
@@ -147,7 +157,7 @@ def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int)
         if step == warmup:
             synchronize(trainee.device)
             started = time.perf_counter()
-        loss = trainee.step(tokens, labels)
+        loss = trainee.step(tokens, labels, positions, document_ids)
     synchronize(trainee.device)
     seconds = time.perf_counter() - started
     offloader = trainee.model.memory_policy.offloader
@@ -156,6 +166,16 @@ def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int)
             f"predicted_alloc_gib={predicted.peak_allocated / GIB:.2f} predicted_card_gib={predicted.total / GIB:.2f} "
             f"host_pinned_gib={(offloader.peak_host_bytes if offloader else 0) / GIB:.2f} "
             f"predicted_host_gib={predicted.host_bytes / GIB:.2f} {host_rss()} loss={loss.item():.4f}")
+
+
+def packed_documents(seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, seq) positions and document ids of documents of 256-4096 tokens filling the sequence."""
+    lengths = []
+    while sum(lengths) < seq:
+        lengths.append(min(int(torch.randint(256, 4097, (1,), generator=generator)), seq - sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    return positions, document_ids
 
 
 def synchronize(device: torch.device) -> None:

@@ -217,10 +217,11 @@ def test_the_long_context_benchmark_runs_every_kind_of_row_on_the_cpu(monkeypatc
 
     monkeypatch.setattr(bench, "run_row", failing_row)
     bench.main([str(asset_path("tiny/model")), "--device", "cpu", "--qlora-config", "tiny/qlora_cpu",
-                "--lora-config", "tiny/lora_cpu", "--rows", "qlora:40,qlora-budget,lora:40,lora-plain",
+                "--lora-config", "tiny/lora_cpu", "--rows", "qlora:40,qlora-budget,qlora-packed:300,lora-plain",
                 "--batch-seq", "8", "--cap-gib", "0.001", "--no-compile", "--steps", "1"])
     results = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT")]
-    assert [line.split()[1] for line in results] == ["row=qlora:40", "row=qlora-budget", "row=lora:40", "row=lora-plain"]
+    assert [line.split()[1] for line in results] == ["row=qlora:40", "row=qlora-budget", "row=qlora-packed:300",
+                                                     "row=lora-plain"]
     # 0.001 GiB holds no plan by the estimate: the long rows run the leanest one.
     for line in (results[0], results[2]):
         assert 'plan="recompute+offload every layer, MLP in chunks of 16 tokens"' in line

@@ -24,7 +24,10 @@ loss, backward, AdamW on the adapters), in a try/except, and prints one line:
 
     RESULT row=qlora:131072 batch=1 seq=131072 plan="..." compile=False tokens_per_s=... peak_alloc_gib=...
         peak_reserved_gib=... predicted_alloc_gib=... predicted_card_gib=... host_pinned_gib=...
-        predicted_host_gib=... host_rss_gib=... loss=...
+        pinned_pool_gib=... predicted_host_gib=... host_rss_gib=... peak_host_rss_gib=... loss=...
+
+(host_pinned_gib: the offloaded tensors; pinned_pool_gib: the pinned allocator's power-of-two
+blocks, what predicted_host_gib predicts.)
 
 or `RESULT row=... error="..."`; the next row runs either way. A row starts only when the time
 left (--time-limit, seconds since start) exceeds its rough cost. PYTORCH_CUDA_ALLOC_CONF defaults
@@ -48,6 +51,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402  (after the allocator setting, which the first CUDA allocation reads)
+from omegaconf import DictConfig  # noqa: E402
 
 from tunelite.checkpointing.loading import load_checkpoint_into  # noqa: E402
 from tunelite.config import instantiate, load_recipe_config  # noqa: E402
@@ -80,6 +84,7 @@ class Row:
 
 
 def parse_rows(text: str, batch_seq: int, compile_batch_rows: bool) -> list[Row]:
+    """The rows named in --rows, in their order."""
     rows = []
     for name in filter(None, text.split(",")):
         kind, _, rest = name.partition(":")
@@ -114,7 +119,9 @@ class Trainee:
         self.compiled = False
         self.model.train()
 
-    def cfg(self, batch: int, seq: int, *overrides: str):
+    def cfg(self, batch: int, seq: int, *overrides: str) -> DictConfig:
+        """The config as a run at batch x seq would receive it (the tokenizer is the tiny one: no
+        row tokenizes text)."""
         return load_recipe_config(self.config, self.keys, [
             f"checkpointer.checkpoint_dir={self.checkpoint}", "tokenizer.path=${asset:tiny/tokenizer.model}",
             f"batch_size={batch}", f"tokenizer.max_seq_len={seq}", "gradient_accumulation_steps=1",
@@ -122,6 +129,7 @@ class Trainee:
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
              document_ids: torch.Tensor | None) -> torch.Tensor:
+        """One optimizer step as the recipe takes it: hidden states, chunked loss, backward, AdamW."""
         hidden = self.model.hidden_states(tokens, positions, document_ids=document_ids)
         loss = self.loss_fn(hidden, labels, self.model.output)
         loss.backward()
@@ -165,6 +173,7 @@ def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int)
             f"tokens_per_s={steps * row.batch * row.seq / seconds:.0f} {peaks(trainee.device)} "
             f"predicted_alloc_gib={predicted.peak_allocated / GIB:.2f} predicted_card_gib={predicted.total / GIB:.2f} "
             f"host_pinned_gib={(offloader.peak_host_bytes if offloader else 0) / GIB:.2f} "
+            f"{pinned_pool(trainee.device)}"
             f"predicted_host_gib={predicted.host_bytes / GIB:.2f} {host_rss()} loss={loss.item():.4f}")
 
 
@@ -184,10 +193,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def peaks(device: torch.device) -> str:
+    """Peak allocated and reserved GPU memory since the row's start."""
     if device.type != "cuda":
         return "peak_alloc_gib=0 peak_reserved_gib=0"
     return (f"peak_alloc_gib={torch.cuda.max_memory_allocated(device) / GIB:.2f} "
             f"peak_reserved_gib={torch.cuda.max_memory_reserved(device) / GIB:.2f}")
+
+
+def pinned_pool(device: torch.device) -> str:
+    """What the pinned host allocator holds now (power-of-two blocks, the estimate's host figure),
+    where this torch reports it."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if device.type != "cuda" or stats is None:
+        return ""
+    return f"pinned_pool_gib={stats().get('allocated_bytes.current', 0) / GIB:.2f} "
 
 
 def host_rss() -> str:
@@ -203,9 +222,11 @@ def host_rss() -> str:
 
 
 def free(device: torch.device) -> None:
+    """Drops what a finished (or failed) row left, so the next starts from the model alone."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        getattr(torch._C, "_host_emptyCache", lambda: None)()  # the pinned blocks of this row's offloading
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     begun = time.perf_counter()
     device = get_device(a.device)
     if device.type == "cuda" and a.cap_gib:
-        torch.cuda.set_per_process_memory_fraction(a.cap_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(a.cap_gib * GIB / total)
     print(f"device={device} cap_gib={a.cap_gib} PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']} "
           f"torch={torch.__version__}", flush=True)
     rows = parse_rows(a.rows, a.batch_seq, a.compile)

@@ -201,7 +201,8 @@ def test_the_long_context_benchmark_runs_every_kind_of_row_on_the_cpu(monkeypatc
     its RESULT line, a failing row not stopping the next."""
     moved = []
     offload, plan = ActivationOffloader._offload, memory_policy.switches_plan
-    monkeypatch.setattr(ActivationOffloader, "_offload", lambda self, layer, t: moved.append(t) or offload(self, layer, t))
+    monkeypatch.setattr(ActivationOffloader, "_offload",
+                        lambda self, layer, t: moved.append(t) or offload(self, layer, t))
     monkeypatch.setattr(ActivationOffloader, "_worth_moving", lambda self, t: type(t) is torch.Tensor)  # any size
     monkeypatch.setattr(memory_policy, "switches_plan",  # the MLP in chunks from 16 tokens, not 8192
                         lambda *args, **kw: dataclasses.replace(plan(*args, **kw), mlp_chunk_tokens=16))

@@ -56,8 +56,8 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
 
     A tile of queries and keys is skipped when no document spans both, taken whole (no mask
     evaluated) when one document fills both and the keys come before the queries, and masked
-    token by token otherwise (so is a last tile shorter than 128); what is skipped or taken whole follows from each tile's lowest and
-    highest document id, so nothing of size s x s is built."""
+    token by token otherwise (so is a last tile shorter than 128). Which is which follows from
+    each tile's lowest and highest document id, so nothing of size s x s is built."""
     b, s = document_ids.shape
     n = math.ceil(s / BLOCK)
     # Padding (-1) after the last document, numbered as one: ids then rise along each row, and two
@@ -72,7 +72,8 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     full = one_document & ones.tril(-1) & whole[:, None] & whole[None, :]
     partial = shared & ones.tril() & ~full
 
-    def same_document_causal(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def same_document_causal(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor,
+                             kv: torch.Tensor) -> torch.Tensor:
         return (document_ids[batch, q] == document_ids[batch, kv]) & (q >= kv)
 
     return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=BLOCK,

@@ -33,10 +33,12 @@ MLP_CHUNK_TOKENS = 8192
 
 
 def recomputes(policy: str) -> bool:
+    """Whether a layer under `policy` runs its forward again in backward."""
     return policy in (RECOMPUTE, RECOMPUTE_OFFLOAD)
 
 
 def offloads(policy: str) -> bool:
+    """Whether a layer under `policy` sends what it saves to host memory."""
     return policy in (OFFLOAD, RECOMPUTE_OFFLOAD)
 
 

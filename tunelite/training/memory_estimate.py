@@ -406,7 +406,8 @@ class MemoryModel:
         for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
             for recomputed in range(layers + 1):
                 plans = [MemoryPlan((KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded
-                                    + (RECOMPUTE,) * (recomputed - offloaded), chunk) for offloaded in range(recomputed + 1)]
+                                    + (RECOMPUTE,) * (recomputed - offloaded), chunk)
+                         for offloaded in range(recomputed + 1)]
                 if self.estimate(plans[-1], batch, seq).total > budget:
                     continue  # not even with every recomputed layer offloaded
                 for plan in plans:
@@ -532,6 +533,7 @@ def estimate_memory(cfg: DictConfig, recipe: RecipeMemory, plan: MemoryPlan | No
 
 
 def config_switches_plan(cfg: DictConfig, num_layers: int) -> MemoryPlan:
+    """The plan of the config's enable_activation_checkpointing and enable_activation_offloading."""
     return switches_plan(num_layers, bool(cfg.enable_activation_checkpointing),
                          bool(cfg.get("enable_activation_offloading", False)))
 

@@ -99,6 +99,7 @@ def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.de
 
 def describe_plan(plan: MemoryPlan, estimate: MemoryEstimate, tokens: int) -> str:
     """The line a run logs about its plan."""
-    host = f", {gib(estimate.host_bytes)} of pinned host memory for offloaded activations" if estimate.host_bytes else ""
+    host = (f", {gib(estimate.host_bytes)} of pinned host memory for offloaded activations"
+            if estimate.host_bytes else "")
     return (f"memory policy: {plan.describe(tokens)}; predicted peak {gib(estimate.peak_allocated)} allocated, "
             f"{gib(estimate.total)} on the card{host}")

@@ -22,6 +22,7 @@ from tunelite.modules.memory_policy import (
     set_memory_policy,
     uniform_policies,
 )
+from tunelite.modules.nf4 import NF4Tensor
 from tunelite.modules.offload import ActivationOffloader
 from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model
@@ -91,8 +92,10 @@ def test_recompute_and_offload_moves_only_each_layer_input():
     assert model.memory_policy.offloader.peak_host_bytes == TINY.num_layers * 2 * 33 * TINY.embed_dim * 4
 
 
-def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch):
-    model = random_model().train()
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
+def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch, quantized):
+    torch.manual_seed(0)
+    model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized)).train()
     set_memory_policy(model, (OFFLOAD, OFFLOAD), min_offload_bytes=0)
     moved, tables = [], []
     offload, rope = ActivationOffloader._offload, model.rope.forward
@@ -100,7 +103,10 @@ def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch):
                         lambda self, layer, t: moved.append(t.untyped_storage().data_ptr()) or offload(self, layer, t))
     monkeypatch.setattr(model.rope, "forward", lambda *args: tables.extend(rope(*args)) or tuple(tables[-2:]))
     model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
-    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *tables]}
+    weights = [*model.parameters(), *model.buffers()]
+    if quantized:  # the NF4 linears save the codes and scales inside each weight
+        weights += [getattr(w, name) for w in weights if isinstance(w, NF4Tensor) for name in w.__tensor_flatten__()[0]]
+    kept = {t.untyped_storage().data_ptr() for t in [*weights, *tables] if not isinstance(t, NF4Tensor)}
     assert moved and not set(moved) & kept
 
 

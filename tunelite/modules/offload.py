@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # Smaller tensors stay where they are: moving them costs a copy launch each and saves nothing.
 MIN_OFFLOAD_BYTES = 2**20
@@ -156,6 +157,14 @@ class ActivationOffloader:
 
 
 def _storages(module: nn.Module) -> set[int]:
-    """The storages of `module`'s plain parameters and buffers: never offloaded."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return {t.untyped_storage().data_ptr() for t in tensors if type(t) in (torch.Tensor, nn.Parameter)}
+    """The storages of `module`'s parameters and buffers, and of the plain tensors inside subclass
+    ones (an NF4 weight's codes and scales, which its linear saves for backward): never offloaded."""
+    found, tensors = set(), [*module.parameters(), *module.buffers()]
+    while tensors:
+        tensor = tensors.pop()
+        if is_traceable_wrapper_subclass(tensor):
+            names, _ = tensor.__tensor_flatten__()
+            tensors += [getattr(tensor, name) for name in names]
+        else:
+            found.add(tensor.untyped_storage().data_ptr())
+    return found

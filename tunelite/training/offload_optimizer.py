@@ -1,0 +1,530 @@
+"""AdamW with its state and its step in host memory, overlapped with the GPU's work.
+
+Full fine-tuning of an 8B model on a 24 GB card: the GPU keeps the bf16 weights and the
+activations; fp32 master weights, both AdamW moments and the gradient accumulator live in host
+memory, and the CPU runs the update while the GPU computes. For each parameter p:
+
+  backward  p's gradient is complete: its post-accumulate-grad hook copies it (on a side CUDA
+            stream) into a pinned staging ring and frees the GPU gradient at once;
+  worker    once the copy has landed, adds it into p's host accumulator (the first micro-batch
+            of a step copies) and keeps the accumulated gradient's squared norm;
+  step      after the last micro-batch: `total_grad_norm()` waits for the last gradients,
+            clipping becomes a scale applied inside the update, and the updates are queued in
+            forward order (embedding first);
+  worker    fused CPU AdamW on p's fp32 master and moments, chunk by chunk; the new weights, in
+            the model's dtype, go into the accumulator's memory (free until p's next gradient)
+            and are copied to the GPU on a second side stream, with an event recorded;
+  forward   each block of the model waits for its own parameters' events before it runs
+            (`wait_in_forward`), so the first layers compute while the CPU updates the last.
+
+The update waits for every gradient rather than starting with each parameter's last one: the
+clip scale needs the total norm, and a NaN in the embedding's gradient (the last to arrive) must
+leave every weight unchanged. Exact AdamW semantics, and a skipped step that is a real skip,
+come first; what overlaps is the accumulation with backward and the update with the next forward.
+
+One worker thread runs every job in the order it was queued, so results do not depend on timing;
+each job's tensor operations run on torch's intra-op threads. On the CPU (tests, CI) the same
+code runs with host-to-host copies.
+"""
+
+import math
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from tunelite.errors import ConfigError, ResourceError
+
+ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MEMINFO = Path("/proc/meminfo")
+GIB = 2**30
+# Each parameter's region of the flat pinned buffer starts on a cache line.
+ALIGN = 64
+
+EventCallback = Callable[[str, int], None]
+
+
+def overlapped_cpu_adamw(
+    params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 1e-2, accumulation_dtype: str = "fp32", chunk_size: int = 2**22,
+) -> "OverlappedCPUAdamW":
+    """The optimizer a config names (`accumulation_dtype` as a string, so YAML can say it).
+
+    `accumulation_dtype: bf16` halves the accumulator (2 bytes a parameter less host memory and
+    less host memory traffic per micro-batch): exact with gradient_accumulation_steps 1, rounded
+    like bf16 training's own accumulation otherwise. `chunk_size`: values per fused operation."""
+    if accumulation_dtype not in ACCUMULATION_DTYPES:
+        raise ConfigError(f"optimizer.accumulation_dtype: {accumulation_dtype!r} is not one of {sorted(ACCUMULATION_DTYPES)}")
+    return OverlappedCPUAdamW(params, lr, betas, eps, weight_decay, ACCUMULATION_DTYPES[accumulation_dtype], chunk_size)
+
+
+def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype: torch.dtype = torch.float32,
+                chunk_size: int = 2**22) -> dict[str, int]:
+    """Host bytes the optimizer takes for parameters of these sizes, by what holds them: what
+    `tunelite estimate` reports and what the optimizer checks against the machine's free memory.
+    Per parameter: 12 bytes pageable (fp32 master and two moments) and, pinned, the accumulator
+    (4 bytes in fp32, 2 in bf16), which also carries the updated weights back to the device."""
+    return {
+        "fp32 master weights": 4 * sum(numels),
+        "AdamW moments (fp32)": 8 * sum(numels),
+        "gradient accumulator (pinned)": sum(_aligned(n * accumulation_dtype.itemsize) for n in numels),
+        "gradient staging ring (pinned)": _staging_numel(numels) * weight_dtype.itemsize,
+        "scratch": 4 * chunk_size,
+    }
+
+
+def available_host_memory(meminfo: Path) -> int | None:
+    """MemAvailable in bytes: what the kernel can hand out without swapping; None where there is
+    no /proc/meminfo (not Linux)."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def check_host_memory(needed: dict[str, int], meminfo: Path | None = None) -> None:
+    """Refuses to start a run whose optimizer would not fit the machine's free memory: the
+    alternative is the kernel's OOM killer an hour in, or a machine that swaps."""
+    meminfo = meminfo or MEMINFO
+    available = available_host_memory(meminfo)
+    total = sum(needed.values())
+    if available is not None and total > available:
+        parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in needed.items())
+        raise ResourceError(
+            f"the overlapped CPU AdamW needs {total / GIB:.1f} GiB of host memory ({parts} GiB), but only "
+            f"{available / GIB:.1f} GiB is available (MemAvailable in {meminfo}). Free memory, use a machine "
+            "with more, set optimizer.accumulation_dtype: bf16 (2 bytes a parameter less), or use another "
+            "optimizer (optimizer_in_bwd: True, or torchao's AdamW8bit)"
+        )
+
+
+def forward_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules a model runs one after another: its children, a ModuleList's elements one by one."""
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            yield from child
+        else:
+            yield child
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One parameter's host state. `landed` and `sumsq` belong to the worker thread; the main
+    thread reads them only after `_drain`."""
+
+    index: int
+    param: nn.Parameter
+    group: dict[str, Any]
+    master: torch.Tensor  # fp32, flat
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # fp32 scalar, as torch.optim keeps it (the fused kernel reads it)
+    accum: torch.Tensor  # flat, pinned, accumulation dtype
+    weights_out: torch.Tensor  # the same memory in the parameter's dtype: updated weights on their way back
+    landed: int = 0  # gradients added into `accum` since the last update or zero_grad
+    sumsq: float = 0.0  # squared norm of the accumulated gradient
+    ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
+    sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
+
+
+class _StagingRing:
+    """Pinned memory where gradients land from the GPU, handed out first in, first out. A gradient
+    stays only until the worker has added it into its accumulator, so the ring holds a few
+    layers' gradients, not the model's. A full ring makes backward wait: the GPU never runs far
+    ahead of the CPU, and the GPU gradients not yet copied stay bounded by the ring's size."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.regions: deque[tuple[int, int]] = deque()
+        self.head = 0
+        self.changed = threading.Condition()
+
+    def reserve(self, numel: int, check: Callable[[], None]) -> torch.Tensor:
+        """A region of `numel` values; waits while the ring is full, calling `check` (which
+        raises when the worker that frees regions has failed) every second."""
+        with self.changed:
+            while (start := self._free_start(numel)) is None:
+                check()
+                self.changed.wait(timeout=1.0)
+            self.regions.append((start, start + numel))
+            self.head = start + numel
+        return self.buffer[start:start + numel]
+
+    def release(self) -> None:
+        """Frees the oldest region."""
+        with self.changed:
+            self.regions.popleft()
+            if not self.regions:
+                self.head = 0
+            self.changed.notify_all()
+
+    def _free_start(self, numel: int) -> int | None:
+        if not self.regions:
+            return 0
+        tail = self.regions[0][0]
+        if self.head > tail:  # in use: [tail, head); free: [head, end) and [0, tail)
+            if self.buffer.numel() - self.head >= numel:
+                return self.head
+            return 0 if tail >= numel else None
+        return self.head if tail - self.head >= numel else None  # wrapped: free is [head, tail)
+
+
+class OverlappedCPUAdamW:
+    """AdamW (torch.optim.AdamW's arithmetic, through its fused CPU kernel) with fp32 master
+    weights and moments in host memory, overlapped with backward and the next forward.
+
+    The loop drives it as it drives any optimizer, with the gradient's norm and clipping asked
+    of the optimizer, since the gradients are never all on the device:
+
+        for batch in micro_batches: loss(batch).backward()   # gradients leave for the host
+        norm = optimizer.total_grad_norm()                   # waits for the last of them
+        if finite(loss, norm):
+            optimizer.clip_grads_with_norm_(max_norm, norm)  # a scale, applied inside the update
+            optimizer.step()
+        optimizer.zero_grad()
+
+    Without `wait_in_forward(model)`, `step()` returns once every weight is updated. With it,
+    `step()` returns at once and each block of the model waits in its forward for its own
+    weights; `state_dict()`, `wait()` and the model's state_dict() wait for all of them.
+    `on_event(kind, index)` is called, from the worker thread, with "grad_copied" (a gradient
+    landed and was added), "stepped" and "weight_copied" (sent back to the device) for the
+    parameter at `index` in the order they were given: what tests assert the order of, and a
+    benchmark can time."""
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 1e-2, accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = 2**22,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.param_groups = _param_groups(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                                   "weight_decay": weight_decay})
+        pairs = [(p, group) for group in self.param_groups for p in group["params"]]
+        devices = {p.device for p, _ in pairs}
+        if len(devices) != 1:
+            raise ValueError(f"the parameters are on several devices ({sorted(map(str, devices))}); put them on one")
+        (self.device,) = devices
+        weight_dtypes = {p.dtype for p, _ in pairs}
+        if len(weight_dtypes) != 1:
+            raise ValueError(f"the parameters have several dtypes ({weight_dtypes}); use one")
+        (weight_dtype,) = weight_dtypes
+        if accumulation_dtype.itemsize < weight_dtype.itemsize:
+            raise ValueError(f"accumulating {weight_dtype} gradients in {accumulation_dtype} would round them; "
+                             "accumulate in fp32")
+        numels = [p.numel() for p, _ in pairs]
+        needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size)
+        check_host_memory(needed)
+
+        self.chunk_size = chunk_size
+        self.on_event = on_event
+        cuda = self.device.type == "cuda"
+        slot_bytes = accumulation_dtype.itemsize
+        self._pinned = _host_buffer(needed["gradient accumulator (pinned)"], torch.uint8, cuda)
+        self._ring = _StagingRing(_host_buffer(_staging_numel(numels), weight_dtype, cuda))
+        self._scratch = torch.empty(chunk_size, dtype=torch.float32)
+        self._slots: list[_Slot] = []
+        self._hooks: list[Any] = []
+        offset = 0
+        for index, (p, group) in enumerate(pairs):
+            region = self._pinned[offset:offset + p.numel() * slot_bytes]
+            offset += _aligned(p.numel() * slot_bytes)
+            master = torch.empty(p.numel(), dtype=torch.float32)
+            master.copy_(p.detach().reshape(-1))  # converted on the host, never as an fp32 copy on the GPU
+            slot = _Slot(index, p, group, master, torch.zeros_like(master), torch.zeros_like(master),
+                         torch.zeros((), dtype=torch.float32),
+                         region[:p.numel() * accumulation_dtype.itemsize].view(accumulation_dtype),
+                         region[:p.numel() * weight_dtype.itemsize].view(weight_dtype))
+            slot.ready.set()
+            self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._grad_ready, slot)))
+            self._slots.append(slot)
+        self._by_param = {slot.param: slot for slot in self._slots}
+        self._grad_scale = 1.0
+        self._overlapped = False
+        if cuda:
+            self._to_host, self._to_device = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        self._worker = _Worker([self._pinned, self._ring.buffer] if cuda else [])
+        self._stop_worker = weakref.finalize(self, self._worker.stop)
+
+    # The main thread's side: what the loop calls.
+
+    def total_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the step's gradients (summed over its micro-batches), once all have landed;
+        NaN or inf when any gradient is not finite."""
+        self._drain()
+        return torch.tensor(math.sqrt(sum(slot.sumsq for slot in self._slots if slot.landed)), dtype=torch.float32)
+
+    def clip_grads_with_norm_(self, max_norm: float, total_norm: torch.Tensor) -> None:
+        """torch.nn.utils.clip_grads_with_norm_'s scale, min(1, max_norm / (norm + 1e-6)), applied to
+        the gradients inside the next update instead of by a pass over them."""
+        self._grad_scale = min(1.0, max_norm / (float(total_norm) + 1e-6))
+
+    def step(self) -> None:
+        """Queues the update of every parameter that received a gradient, in the order given
+        (forward order for model.parameters()); returns once done unless `wait_in_forward` was called.
+        The learning rate and other settings are read now, so a schedule that changes them after
+        this call affects the next step, as with torch optimizers."""
+        self._drain()
+        scale = None if self._grad_scale == 1.0 else torch.tensor(1.0 / self._grad_scale, dtype=torch.float32)
+        self._grad_scale = 1.0
+        for slot in self._slots:
+            if not slot.landed:
+                continue  # no gradient: untouched, moments included, as torch.optim leaves it
+            group = slot.group
+            settings = {"lr": float(group["lr"]), "beta1": group["betas"][0], "beta2": group["betas"][1],
+                        "eps": group["eps"], "weight_decay": group["weight_decay"]}
+            slot.ready.clear()
+            self._worker.jobs.put(partial(self._update, slot, settings, scale))
+        if not self._overlapped:
+            self.wait()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forgets the gradients accumulated since the last update (the loop's skip of a
+        non-finite step); there are never any on the device to free."""
+        self._worker.jobs.put(self._forget_gradients)
+
+    def wait(self) -> None:
+        """Returns once every queued update is done and the device's current stream waits for its weights."""
+        self._drain()
+        self._wait_for(self._slots)
+
+    def wait_in_forward(self, model: nn.Module) -> None:
+        """Makes `step()` return at once: each of the model's blocks (`forward_blocks`) waits
+        before its forward for the updates of its own parameters, and model.state_dict() waits for all."""
+        claimed: set[nn.Parameter] = set()
+        for block in [*forward_blocks(model), model]:
+            slots = [self._by_param[p] for p in block.parameters() if p in self._by_param and p not in claimed]
+            claimed.update(slot.param for slot in slots)
+            if slots:
+                self._hooks.append(block.register_forward_pre_hook(partial(self._before_forward, slots)))
+        self._hooks.append(model.register_state_dict_pre_hook(lambda *_: self.wait()))
+        self._overlapped = True
+
+    def close(self) -> None:
+        """Waits for the queued work, then removes the hooks, stops the worker thread and unpins
+        host memory; the optimizer cannot be used after."""
+        self.wait()
+        for hook in self._hooks:
+            hook.remove()
+        self._stop_worker()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain containers only (torch.load(weights_only=True) reads it), per
+        parameter index as torch optimizers write it, with the fp32 master weights: the model's
+        bf16 weights alone could not resume to the same bits. The tensors are this optimizer's own."""
+        self.wait()
+        return {
+            "state": {slot.index: {"step": slot.step, "master_weight": slot.master.view(slot.param.shape),
+                                   "exp_avg": slot.exp_avg.view(slot.param.shape),
+                                   "exp_avg_sq": slot.exp_avg_sq.view(slot.param.shape)} for slot in self._slots},
+            "param_groups": self._groups_with_indices(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` wrote, and the device weights from the master weights.
+        Raises ValueError (or KeyError) when it belongs to other parameters."""
+        self.wait()
+        ours = self._groups_with_indices()
+        if [g["params"] for g in state["param_groups"]] != [g["params"] for g in ours]:
+            raise ValueError(f"the state holds {sum(len(g['params']) for g in state['param_groups'])} parameters "
+                             f"in {len(state['param_groups'])} groups, this optimizer {len(self._slots)} in {len(ours)}")
+        for slot in self._slots:
+            saved = state["state"][slot.index]
+            if saved["master_weight"].shape != slot.param.shape:
+                raise ValueError(f"parameter {slot.index} has shape {tuple(slot.param.shape)}, "
+                                 f"the state {tuple(saved['master_weight'].shape)}")
+            slot.step.copy_(saved["step"])
+            for name, mine in (("master_weight", slot.master), ("exp_avg", slot.exp_avg), ("exp_avg_sq", slot.exp_avg_sq)):
+                mine.copy_(saved[name].reshape(-1))
+            with torch.no_grad():
+                slot.param.copy_(slot.master.view(slot.param.shape))
+        for group, saved in zip(self.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def _groups_with_indices(self) -> list[dict[str, Any]]:
+        indices = iter(range(len(self._slots)))
+        return [{**{k: v for k, v in g.items() if k != "params"}, "params": [next(indices) for _ in g["params"]]}
+                for g in self.param_groups]
+
+    def _grad_ready(self, slot: _Slot, param: nn.Parameter) -> None:
+        """Post-accumulate-grad hook (the autograd thread): the gradient leaves for the host and
+        its device memory is given back, once the copy has read it."""
+        self._raise_if_failed()
+        grad = param.grad
+        region = self._ring.reserve(grad.numel(), self._raise_if_failed)
+        copied = None
+        if grad.is_cuda:
+            self._to_host.wait_stream(torch.cuda.current_stream(grad.device))
+            with torch.cuda.stream(self._to_host):
+                region.copy_(grad.reshape(-1), non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            grad.record_stream(self._to_host)
+        else:
+            region.copy_(grad.reshape(-1))
+        param.grad = None
+        self._worker.jobs.put(partial(self._land, slot, region, copied))
+
+    def _before_forward(self, slots: list[_Slot], module: nn.Module, args: Any) -> None:
+        self._wait_for(slots)
+
+    def _wait_for(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            slot.ready.wait()
+            if slot.sent is not None:
+                torch.cuda.current_stream(self.device).wait_event(slot.sent)
+                slot.sent = None
+        self._raise_if_failed()
+
+    def _drain(self) -> None:
+        """Waits until the worker has done every job queued so far."""
+        if not self._worker.thread.is_alive():
+            raise RuntimeError("the optimizer was closed")
+        done = threading.Event()
+        self._worker.jobs.put(done.set)
+        done.wait()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._worker.error is not None:
+            raise RuntimeError("the CPU AdamW worker failed; this run's optimizer state is lost") from self._worker.error
+
+    # The worker's side: jobs run one at a time, in order. After a failure each job only
+    # releases what others wait for, and the main thread raises at its next call.
+
+    def _land(self, slot: _Slot, region: torch.Tensor, copied: Any) -> None:
+        """Adds a landed gradient into its accumulator, chunk by chunk while the chunk is in cache,
+        and keeps the accumulated gradient's squared norm."""
+        try:
+            if self._worker.error is not None:
+                return
+            if copied is not None:
+                copied.synchronize()
+            sumsq = 0.0
+            for lo, hi in self._chunks(slot.master.numel()):
+                total, grad = slot.accum[lo:hi], region[lo:hi]
+                if not slot.landed:
+                    total.copy_(grad)
+                elif grad.dtype == total.dtype:
+                    total.add_(grad)
+                else:
+                    total.add_(self._scratch[:hi - lo].copy_(grad))
+                squared = total if total.dtype == torch.float32 else self._scratch[:hi - lo].copy_(total)
+                sumsq += float(torch.dot(squared, squared))
+            slot.landed += 1
+            slot.sumsq = sumsq
+            self._emit("grad_copied", slot.index)
+        finally:
+            self._ring.release()
+
+    def _update(self, slot: _Slot, settings: dict[str, float], grad_scale: torch.Tensor | None) -> None:
+        """AdamW on one parameter's fp32 master and moments (the clip scale divides the gradient
+        inside the kernel), then the new weights back to the device."""
+        try:
+            if self._worker.error is not None:
+                return
+            slot.step += 1
+            for lo, hi in self._chunks(slot.master.numel()):
+                grad = slot.accum[lo:hi]
+                if grad.dtype != torch.float32:
+                    grad = self._scratch[:hi - lo].copy_(grad)
+                torch._fused_adamw_(
+                    [slot.master[lo:hi]], [grad], [slot.exp_avg[lo:hi]], [slot.exp_avg_sq[lo:hi]], [], [slot.step],
+                    amsgrad=False, maximize=False, grad_scale=grad_scale, **settings,
+                )
+                # Over the accumulator's memory, which this chunk's update has just read.
+                slot.weights_out[lo:hi].copy_(slot.master[lo:hi])
+            slot.landed = 0
+            self._emit("stepped", slot.index)
+            self._send(slot)
+            self._emit("weight_copied", slot.index)
+        finally:
+            slot.ready.set()
+
+    def _send(self, slot: _Slot) -> None:
+        weights = slot.weights_out.view(slot.param.shape)
+        with torch.no_grad():
+            if slot.param.is_cuda:
+                with torch.cuda.stream(self._to_device):
+                    slot.param.copy_(weights, non_blocking=True)
+                    slot.sent = torch.cuda.Event()
+                    slot.sent.record()
+            else:
+                slot.param.copy_(weights)
+
+    def _forget_gradients(self) -> None:
+        for slot in self._slots:
+            slot.landed = 0
+
+    def _chunks(self, numel: int) -> Iterator[tuple[int, int]]:
+        for lo in range(0, numel, self.chunk_size):
+            yield lo, min(lo + self.chunk_size, numel)
+
+    def _emit(self, kind: str, index: int) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, index)
+
+
+class _Worker:
+    """The thread that runs the optimizer's jobs one at a time, in order, keeping the first error
+    for the main thread. It holds no reference to the optimizer, so dropping the optimizer (or
+    calling its `close()`) stops the thread and unpins the host buffers."""
+
+    def __init__(self, pinned: list[torch.Tensor]) -> None:
+        self.jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self.error: BaseException | None = None
+        self.pinned = pinned
+        self.thread = threading.Thread(target=self._run, name="tunelite-cpu-adamw", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as error:  # noqa: BLE001 (handed to the main thread)
+                self.error = self.error or error
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        for buffer in self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self.pinned = []
+
+
+def _param_groups(params: Iterable[Any], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """torch.optim's convention: parameters, or dicts of them with settings that override the defaults."""
+    given = list(params)
+    groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+    groups = [{**defaults, **group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
+    if not any(group["params"] for group in groups):
+        raise ValueError("the optimizer got no parameters that require gradients")
+    return groups
+
+
+def _staging_numel(numels: list[int]) -> int:
+    """Room for the largest gradient twice over: one lands while the worker adds the one before."""
+    return 2 * max(numels)
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+def _host_buffer(numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A flat host buffer, page-locked for a GPU's asynchronous copies. Registered in place rather
+    than taken from torch's pinned allocator, which rounds every block up to a power of two (a
+    17 GiB buffer would take 32). The optimizer's worker unpins it when it stops."""
+    buffer = torch.empty(numel, dtype=dtype)
+    if pinned:
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), numel * dtype.itemsize, 0))
+    return buffer

@@ -225,7 +225,6 @@ class OverlappedCPUAdamW:
         needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size)
         check_host_memory(needed)
 
-        self.chunk_size = chunk_size
         self.on_event = on_event
         cuda = self.device.type == "cuda"
         slot_bytes = accumulation_dtype.itemsize
@@ -409,19 +408,8 @@ class OverlappedCPUAdamW:
                 return
             if copied is not None:
                 copied.synchronize()
-            sumsq = 0.0
-            for lo, hi in self._chunks(slot.master.numel()):
-                total, grad = slot.accum[lo:hi], region[lo:hi]
-                if not slot.landed:
-                    total.copy_(grad)
-                elif grad.dtype == total.dtype:
-                    total.add_(grad)
-                else:
-                    total.add_(self._scratch[:hi - lo].copy_(grad))
-                squared = total if total.dtype == torch.float32 else self._scratch[:hi - lo].copy_(total)
-                sumsq += float(torch.dot(squared, squared))
+            slot.sumsq = accumulate(slot.accum, region, not slot.landed, self._scratch)
             slot.landed += 1
-            slot.sumsq = sumsq
             self._emit("grad_copied", slot.index)
         finally:
             self._ring.release()
@@ -433,16 +421,8 @@ class OverlappedCPUAdamW:
             if self._worker.error is not None:
                 return
             slot.step += 1
-            for lo, hi in self._chunks(slot.master.numel()):
-                grad = slot.accum[lo:hi]
-                if grad.dtype != torch.float32:
-                    grad = self._scratch[:hi - lo].copy_(grad)
-                torch._fused_adamw_(
-                    [slot.master[lo:hi]], [grad], [slot.exp_avg[lo:hi]], [slot.exp_avg_sq[lo:hi]], [], [slot.step],
-                    amsgrad=False, maximize=False, grad_scale=grad_scale, **settings,
-                )
-                # Over the accumulator's memory, which this chunk's update has just read.
-                slot.weights_out[lo:hi].copy_(slot.master[lo:hi])
+            adamw_update(slot.master, slot.accum, slot.exp_avg, slot.exp_avg_sq, slot.step, slot.weights_out,
+                         self._scratch, settings, grad_scale)
             slot.landed = 0
             self._emit("stepped", slot.index)
             self._send(slot)
@@ -465,13 +445,49 @@ class OverlappedCPUAdamW:
         for slot in self._slots:
             slot.landed = 0
 
-    def _chunks(self, numel: int) -> Iterator[tuple[int, int]]:
-        for lo in range(0, numel, self.chunk_size):
-            yield lo, min(lo + self.chunk_size, numel)
-
     def _emit(self, kind: str, index: int) -> None:
         if self.on_event is not None:
             self.on_event(kind, index)
+
+
+def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor) -> float:
+    """Adds `grad` into `total` (copies it for the first micro-batch), one scratch-sized chunk at a
+    time so that the chunk is still in cache for its squared norm, which it returns: the host
+    reads each value once per micro-batch. Mixed dtypes go through the fp32 scratch, since an
+    in-place add of a bf16 tensor into an fp32 one makes a whole-tensor fp32 copy on the CPU."""
+    sumsq = 0.0
+    for lo, hi in _chunks(total.numel(), scratch.numel()):
+        part, new = total[lo:hi], grad[lo:hi]
+        if first:
+            part.copy_(new)
+        elif new.dtype == part.dtype:
+            part.add_(new)
+        else:
+            part.add_(scratch[:hi - lo].copy_(new))
+        squared = part if part.dtype == torch.float32 else scratch[:hi - lo].copy_(part)
+        sumsq += float(torch.dot(squared, squared))
+    return sumsq
+
+
+def adamw_update(
+    master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
+    weights_out: torch.Tensor, scratch: torch.Tensor, settings: dict[str, float], grad_scale: torch.Tensor | None,
+) -> None:
+    """torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs, without its
+    per-call bookkeeping) over flat fp32 tensors chunk by chunk, each chunk's new weights written
+    to `weights_out` in the model's dtype while in cache. `grad_scale` divides the gradient (the
+    clip scale's inverse); `step` is already counted. `weights_out` may share the gradient's
+    memory: each chunk overwrites only values that chunk or an earlier one has read."""
+    for lo, hi in _chunks(master.numel(), scratch.numel()):
+        g = grad[lo:hi] if grad.dtype == torch.float32 else scratch[:hi - lo].copy_(grad[lo:hi])
+        torch._fused_adamw_([master[lo:hi]], [g], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [], [step],
+                            amsgrad=False, maximize=False, grad_scale=grad_scale, **settings)
+        weights_out[lo:hi].copy_(master[lo:hi])
+
+
+def _chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, numel, size):
+        yield lo, min(lo + size, numel)
 
 
 class _Worker:

@@ -1,0 +1,204 @@
+"""Full fine-tuning throughput with the overlapped CPU AdamW, and the CPU kernels it runs.
+
+On a GPU, a full fine-tune of an HF checkpoint (bf16 weights, activation checkpointing, the
+chunked loss) on random fixed-length samples, written out as a recipe's loop, with
+`tunelite.training.offload_optimizer.OverlappedCPUAdamW`:
+
+    python ../shared/bench/make_random_ckpt.py /tmp/ck --size 8b
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/full_finetune_bench.py /tmp/ck \\
+        [--batch 2] [--seq 2048] [--accumulation 8] [--steps 4] [--warmup 1] [--clip 1.0] \\
+        [--accumulation-dtype fp32|bf16] [--chunk-size 4194304] [--cpu-threads N]
+
+prints one `RESULT` line: tokens/s over the steps after warm-up (batch x seq x accumulation per
+step), peak allocated / reserved GPU memory and peak host RSS since loading finished, and where
+the host waited: `norm_wait_s` (per step, for the last gradients to be added after backward),
+`forward_wait_s` (per step, the forward's wait for updated weights: the GPU's idle time, near
+enough), `update_s` (per step, the worker's first update to its last weight sent back).
+
+On any machine, the CPU side alone (what the brief's "whichever is faster" compares):
+
+    python benchmarks/full_finetune_bench.py --cpu-kernels [--numel 268435456] [--cpu-threads N]
+
+times, on `--numel` fp32 values: torch.optim.AdamW(fused=True).step(), torch._fused_adamw_ on the
+whole tensor, the optimizer's chunked update (`adamw_update`, with the bf16 weights written out)
+and its accumulation of a bf16 gradient into fp32 (`accumulate`), at several chunk sizes.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from tunelite.checkpointing import HFCheckpointer
+from tunelite.modules.loss import LinearCrossEntropyLoss
+from tunelite.training import load_pretrained_model
+from tunelite.training.offload_optimizer import (
+    ACCUMULATION_DTYPES,
+    OverlappedCPUAdamW,
+    accumulate,
+    adamw_update,
+    forward_blocks,
+)
+
+GIB = 2**30
+
+
+def host_rss(field: str) -> int:
+    """VmRSS (resident bytes now) or VmHWM (their peak) from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Restarts the kernel's peak-RSS count (VmHWM), so the peak is training's, not loading's (the
+    checkpoint passes through host memory). False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def best_seconds(run: object, reps: int) -> float:
+    """The fastest of `reps` runs: the one least disturbed by other work on the machine."""
+    run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
+    settings = {"lr": 2e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+    master, grad = torch.randn(numel), torch.randn(numel)
+    exp_avg, exp_avg_sq, step = torch.zeros(numel), torch.zeros(numel), torch.zeros(())
+    weights_out, grad_bf16 = torch.empty(numel, dtype=torch.bfloat16), torch.randn(numel, dtype=torch.bfloat16)
+    param = torch.nn.Parameter(master.clone())
+    param.grad = grad.clone()
+    torch_fused = torch.optim.AdamW([param], fused=True, **{k: v for k, v in settings.items() if "beta" not in k})
+
+    def raw() -> None:
+        step.add_(1)
+        torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, maximize=False,
+                            **settings)
+
+    rows = [("torch.optim.AdamW(fused=True).step()", best_seconds(torch_fused.step, reps)),
+            ("torch._fused_adamw_, whole tensor", best_seconds(raw, reps))]
+    for size in chunk_sizes:
+        scratch = torch.empty(size)
+        rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 out",
+                     best_seconds(lambda: adamw_update(master, grad, exp_avg, exp_avg_sq, step, weights_out,
+                                                         scratch, settings, None), reps)))
+        rows.append((f"accumulate bf16 into fp32, chunks of 2^{size.bit_length() - 1}",
+                     best_seconds(lambda: accumulate(grad, grad_bf16, False, scratch), reps)))
+    print(f"{numel} fp32 values, {torch.get_num_threads()} threads, best of {reps}:")
+    for name, seconds in rows:
+        print(f"  {name:<48} {seconds * 1e3:9.1f} ms  {numel / seconds / 1e9:6.2f} G values/s")
+
+
+def train(a: argparse.Namespace) -> None:
+    device, dtype = torch.device(a.device), torch.bfloat16
+    cuda = device.type == "cuda"
+    model = load_pretrained_model(OmegaConf.create({"_component_": a.model}), HFCheckpointer(a.checkpoint), device,
+                                  dtype, activation_checkpointing=True)
+    loss_fn = LinearCrossEntropyLoss(num_chunks=8)
+    times: dict[str, list[float]] = {"stepped": [], "weight_copied": []}
+
+    def on_event(kind: str, index: int) -> None:
+        if kind in times:
+            times[kind].append(time.perf_counter())
+
+    optimizer = OverlappedCPUAdamW(model.parameters(), lr=2e-5, weight_decay=0.01,
+                                   accumulation_dtype=ACCUMULATION_DTYPES[a.accumulation_dtype],
+                                   chunk_size=a.chunk_size, on_event=on_event)
+    # The forward's wait for weights: a hook before the optimizer's and one after it, per block.
+    forward_wait, entered = [0.0], [0.0]
+    blocks = list(forward_blocks(model))
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: entered.__setitem__(0, time.perf_counter()))
+    optimizer.wait_in_forward(model)
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: forward_wait.__setitem__(0, forward_wait[0] + time.perf_counter()
+                                                                            - entered[0]))
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.args.vocab_size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_reset = reset_peak_rss()
+    norm_wait, loss = 0.0, torch.zeros(())
+    start = time.perf_counter()
+    for step in range(a.warmup + a.steps):
+        if step == a.warmup:  # every timed step then pays one forward/backward and one update
+            optimizer.wait()
+            if cuda:
+                torch.cuda.synchronize()
+            start, norm_wait, forward_wait[0] = time.perf_counter(), 0.0, 0.0
+            times = {kind: [] for kind in times}
+        for _ in range(a.accumulation):
+            tokens = torch.randint(0, vocab, (a.batch, a.seq), generator=generator).to(device, non_blocking=True)
+            loss = loss_fn(model.hidden_states(tokens), tokens, model.output) / a.accumulation
+            loss.backward()
+        waited = time.perf_counter()
+        norm = optimizer.total_grad_norm()
+        norm_wait += time.perf_counter() - waited
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            if a.clip:
+                optimizer.clip_grads_with_norm_(a.clip, norm)
+            optimizer.step()
+        optimizer.zero_grad()
+    optimizer.wait()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    steps = a.steps
+    params = len(list(model.parameters()))
+    update = sum(times["weight_copied"][(i + 1) * params - 1] - times["stepped"][i * params] for i in range(steps))
+    print(f"RESULT bench=full_finetune optimizer=overlapped_cpu_adamw batch={a.batch} seq={a.seq} "
+          f"accumulation={a.accumulation} accumulation_dtype={a.accumulation_dtype} clip={a.clip} "
+          f"chunk_size={a.chunk_size} cpu_threads={torch.get_num_threads()} steps={steps} "
+          f"tokens_per_s={steps * a.accumulation * a.batch * a.seq / seconds:.0f} "
+          f"peak_alloc_gib={torch.cuda.max_memory_allocated() / GIB if cuda else 0:.2f} "
+          f"peak_reserved_gib={torch.cuda.max_memory_reserved() / GIB if cuda else 0:.2f} "
+          f"host_rss_gib={host_rss('VmRSS') / GIB:.1f} peak_host_rss_gib={host_rss('VmHWM') / GIB:.1f} "
+          f"peak_host_rss_since={'loaded' if rss_reset else 'start'} "
+          f"norm_wait_s={norm_wait / steps:.2f} forward_wait_s={forward_wait[0] / steps:.2f} "
+          f"update_s={update / steps:.2f} step_s={seconds / steps:.2f} loss={loss.item() * a.accumulation:.4f}",
+          flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", nargs="?", help="HF-layout model folder (not with --cpu-kernels)")
+    ap.add_argument("--model", default="tunelite.models.llama3_1_8b")
+    ap.add_argument("--device", default="cuda", help="cpu runs the same loop (a smoke test on a tiny model)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accumulation", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--clip", type=float, default=1.0, help="max gradient norm; 0 for none")
+    ap.add_argument("--accumulation-dtype", choices=sorted(ACCUMULATION_DTYPES), default="fp32")
+    ap.add_argument("--chunk-size", type=int, default=2**22)
+    ap.add_argument("--cpu-threads", type=int, help="torch's intra-op threads (default: torch's choice)")
+    ap.add_argument("--cpu-kernels", action="store_true", help="time the CPU kernels only")
+    ap.add_argument("--numel", type=int, default=2**28)
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    if a.cpu_threads:
+        torch.set_num_threads(a.cpu_threads)
+    if a.cpu_kernels:
+        cpu_kernels(a.numel, [2**20, 2**22, 2**24], a.reps)
+    elif a.checkpoint:
+        train(a)
+    else:
+        ap.error("give a checkpoint folder, or --cpu-kernels")
+
+
+if __name__ == "__main__":
+    main()

@@ -250,3 +250,21 @@ def test_the_staging_ring_hands_out_regions_in_order_and_waits_when_full():
     ring.release()  # the oldest (0..3) is free: it wraps around
     waiter.join(timeout=60)
     assert got[0][0] == 0 and got[0].numel() == 3
+
+
+def test_the_waits_stay_out_of_a_compiled_layers_graph():
+    """fullgraph=True fails on any graph break: the forward's wait for weights (threads and
+    events) must run beside a compiled layer, not inside its graph."""
+    model = random_model()
+    reference = copy.deepcopy(model)
+    optimizer = OverlappedCPUAdamW(model.parameters(), lr=1e-3)
+    optimizer.wait_in_forward(model)
+    for layer in model.layers:
+        layer.compile(backend="eager", fullgraph=True)
+    steps = micro_batches(2, 1)
+    train_overlapped(model, optimizer, cosine_schedule_with_warmup(optimizer, 0, 2), steps, clip=None)
+    optimizer.wait()
+    train_reference(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True), steps, clip=None,
+                    warmup=0)
+    assert max_difference(model, reference) < 1e-6
+    optimizer.close()

@@ -304,7 +304,9 @@ class OverlappedCPUAdamW:
             slots = [self._by_param[p] for p in block.parameters() if p in self._by_param and p not in claimed]
             claimed.update(slot.param for slot in slots)
             if slots:
-                self._hooks.append(block.register_forward_pre_hook(partial(self._before_forward, slots)))
+                # Not traced into a compiled layer's graph: waiting on threads is the host's business.
+                hook = torch.compiler.disable(partial(self._before_forward, slots))
+                self._hooks.append(block.register_forward_pre_hook(hook))
         self._hooks.append(model.register_state_dict_pre_hook(lambda *_: self.wait()))
         self._overlapped = True
 
@@ -365,7 +367,7 @@ class OverlappedCPUAdamW:
             self._to_host.wait_stream(torch.cuda.current_stream(grad.device))
             with torch.cuda.stream(self._to_host):
                 region.copy_(grad.reshape(-1), non_blocking=True)
-                copied = torch.cuda.Event()
+                copied = torch.cuda.Event(blocking=True)  # the worker sleeps on it, leaving its core to the others
                 copied.record()
             grad.record_stream(self._to_host)
         else:

@@ -3,7 +3,9 @@
 Full gradients of 8B parameters in bf16 are 15 GiB on their own. `OptimizerInBackward` steps
 each parameter as soon as its gradient is complete and frees that gradient, so they never all
 exist; `cpu_offload_optimizer` keeps optimizer state (and, optionally, gradients) in host memory
-through torchao's CPUOffloadOptimizer.
+through torchao's CPUOffloadOptimizer. `tunelite.training.offload_optimizer.overlapped_cpu_adamw`
+does the same with fp32 master weights, gradient accumulation and clipping, and overlaps the
+CPU's work with the GPU's.
 """
 
 from pathlib import Path

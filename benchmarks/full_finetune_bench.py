@@ -32,8 +32,10 @@ import torch
 from omegaconf import OmegaConf
 
 from tunelite.checkpointing import HFCheckpointer
+from tunelite.checkpointing.loading import load_checkpoint_into
+from tunelite.config import instantiate
+from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.loss import LinearCrossEntropyLoss
-from tunelite.training import load_pretrained_model
 from tunelite.training.offload_optimizer import (
     ACCUMULATION_DTYPES,
     OverlappedCPUAdamW,
@@ -105,8 +107,10 @@ def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
 def train(a: argparse.Namespace) -> None:
     device, dtype = torch.device(a.device), torch.bfloat16
     cuda = device.type == "cuda"
-    model = load_pretrained_model(OmegaConf.create({"_component_": a.model}), HFCheckpointer(a.checkpoint), device,
-                                  dtype, activation_checkpointing=True)
+    with torch.device("meta"):
+        model = instantiate(OmegaConf.create({"_component_": a.model}))
+    load_checkpoint_into(model, HFCheckpointer(a.checkpoint), device, dtype)
+    set_activation_checkpointing(model, 1)
     loss_fn = LinearCrossEntropyLoss(num_chunks=8)
     times: dict[str, list[float]] = {"stepped": [], "weight_copied": []}
 

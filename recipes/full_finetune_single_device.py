@@ -3,11 +3,15 @@
     tunelite run full_finetune_single_device --config llama3_1/8B_full_single_device
 
 What makes this full, and what makes 8B fit a 24 GB card: every parameter reaches the
-optimizer, so memory goes to weights, gradients and optimizer state. With `optimizer_in_bwd`
-each parameter is stepped the moment its gradient is ready and the gradient freed, so the
-15 GiB of bf16 gradients never exist at once; the optimizer state can be 8- or 4-bit (torchao
-AdamW8bit/AdamW4bit) or live in host memory (`tunelite.training.optimizers.cpu_offload_optimizer`).
-Checkpoints hold the whole model in the base checkpoint's Hugging Face layout.
+optimizer, so memory goes to weights, gradients and optimizer state. The 8B config uses
+`tunelite.training.offload_optimizer.overlapped_cpu_adamw`: fp32 master weights, AdamW state and
+the accumulated gradients live in host memory, each gradient leaves the GPU as backward produces
+it, and the CPU's update overlaps the next forward (it gives the gradient norm and clips inside
+its update, since the gradients are never on the GPU together). With `optimizer_in_bwd` each
+parameter is instead stepped the moment its gradient is ready and the gradient freed, so the
+15 GiB of bf16 gradients never exist at once; the optimizer state can also be 8- or 4-bit
+(torchao AdamW8bit/AdamW4bit). Checkpoints hold the whole model in the base checkpoint's Hugging
+Face layout.
 
 The training loop is written out in `main` below, top to bottom; to change it, copy this file
 (`tunelite cp full_finetune_single_device my_recipe.py`), edit the copy, and run it with
@@ -42,6 +46,7 @@ from tunelite.training.compile import compile_layers
 from tunelite.training.divergence import diverged
 from tunelite.training.memory_policy import plan_memory
 from tunelite.training.nonfinite import is_finite, skip_or_stop
+from tunelite.training.offload_optimizer import OverlappedCPUAdamW
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.optimizers import OptimizerInBackward, backward_stepping_weights
 from tunelite.training.profiling import build_profiler
@@ -120,6 +125,9 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
         optimizer = OptimizerInBackward(params, lambda one: instantiate(cfg.optimizer, one))
     else:
         optimizer = instantiate(cfg.optimizer, params)
+    host_gradients = isinstance(optimizer, OverlappedCPUAdamW)
+    if host_gradients:
+        optimizer.wait_in_forward(model)  # its update overlaps the next forward, each layer waiting for its weights
     scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = instantiate(cfg.loss)
     if cfg.compile:
@@ -179,7 +187,9 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
                     step_loss += loss.detach()
                     if not in_backward:
                         loss.backward()
-                if not in_backward:
+                if host_gradients:
+                    grad_norm = optimizer.total_grad_norm()  # once the last gradients have reached host memory
+                elif not in_backward:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 elif is_finite(step_loss) and not diverged(progress, step_loss, divergence_factor):
                     # Each weight steps in its gradient hook during this backward: the loss, checked just
@@ -191,7 +201,9 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
                 # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop; nor does a
                 # loss far above its recent history (divergence_factor): stop.
                 if is_finite(step_loss, grad_norm) and not diverged(progress, step_loss, divergence_factor):
-                    if cfg.get("clip_grad_norm"):
+                    if cfg.get("clip_grad_norm") and host_gradients:
+                        optimizer.clip_grads_with_norm_(cfg.clip_grad_norm, grad_norm)  # a scale inside its update
+                    elif cfg.get("clip_grad_norm"):
                         torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, grad_norm)
                     optimizer.step()
                 else:

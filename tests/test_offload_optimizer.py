@@ -6,13 +6,19 @@ the first blocks' forward while the last parameters are still being updated."""
 import copy
 import functools
 import io
+import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, random_model
 
+from tunelite.checkpointing.hf import hf_config_from_model_args, load_hf_state_dict
+from tunelite.cli.main import main
 from tunelite.errors import ResourceError
+from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
 from tunelite.training import offload_optimizer
 from tunelite.training.offload_optimizer import (
@@ -268,3 +274,52 @@ def test_the_waits_stay_out_of_a_compiled_layers_graph():
                     warmup=0)
     assert max_difference(model, reference) < 1e-6
     optimizer.close()
+
+
+# --- in the full fine-tune recipe ----------------------------------------------------------------
+
+OVERLAPPED = ["optimizer._component_=tunelite.training.offload_optimizer.overlapped_cpu_adamw"]
+FOUR_STEPS = ["epochs=1", "max_steps_per_epoch=4", "batch_size=4", "gradient_accumulation_steps=2",
+              "save_every_n_steps=2", "keep_last_n_checkpoints=null", "log_every_n_steps=1"]
+
+
+def full_run(out: Path, *overrides: str) -> dict[int, dict]:
+    assert main(["run", "full_finetune_single_device", "--config", "tiny/full_cpu", f"output_dir={out}", *FOUR_STEPS,
+                 *overrides]) == 0
+    return {row["step"]: row for p in sorted((out / "logs").glob("*.jsonl")) for row in map(json.loads, p.open())}
+
+
+def test_the_recipe_trains_with_it_as_with_torchs_fused_adamw(tmp_path):
+    """Accumulation over two micro-batches, no clipping: the same kernel on the same gradients."""
+    ours = full_run(tmp_path / "ours", *OVERLAPPED, "clip_grad_norm=null")
+    theirs = full_run(tmp_path / "theirs", "+optimizer.fused=True", "clip_grad_norm=null")
+    assert [ours[s]["loss"] for s in range(1, 5)] == [theirs[s]["loss"] for s in range(1, 5)]
+    assert [ours[s]["grad_norm"] for s in range(1, 5)] == pytest.approx([theirs[s]["grad_norm"] for s in range(1, 5)],
+                                                                         rel=1e-6)
+    a, b = (load_hf_state_dict(tmp_path / name / "step_4" / "model") for name in ("ours", "theirs"))
+    assert all(torch.equal(a[key], b[key]) for key in b)
+
+
+def test_the_recipe_resumes_from_its_checkpoint_to_the_same_bits(tmp_path):
+    """Clipping on, bf16 weights (so the fp32 master weights must come back from the optimizer's
+    state); the checkpoint of step 2 alone, copied to a new folder, continues to step 4's bits."""
+    uninterrupted = full_run(tmp_path / "uninterrupted", *OVERLAPPED, "dtype=bf16")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "uninterrupted" / "step_2", resumed_dir / "step_2")
+    resumed = full_run(resumed_dir, *OVERLAPPED, "dtype=bf16", "resume_from_checkpoint=True")
+    assert [resumed[s]["loss"] for s in (3, 4)] == [uninterrupted[s]["loss"] for s in (3, 4)]
+    a, b = (load_hf_state_dict(folder / "step_4" / "model") for folder in (resumed_dir, tmp_path / "uninterrupted"))
+    assert all(torch.equal(a[key], b[key]) for key in b)
+    saved = (torch.load(folder / "step_4" / "recipe_state.pt", weights_only=True)["optimizer"]["state"]
+             for folder in (resumed_dir, tmp_path / "uninterrupted"))
+    ours, theirs = saved
+    assert all(torch.equal(ours[i][k], theirs[i][k]) for i in theirs for k in theirs[i])
+
+
+def test_estimate_states_the_host_memory_it_takes(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model_args(LLAMA3_1_8B)))
+    assert main(["estimate", "full_finetune_single_device", "--config", "llama3_1/8B_full_single_device",
+                 f"checkpointer.checkpoint_dir={tmp_path}", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state          0.00 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out
+    assert "host memory for the optimizer: 121.63 GiB" in out

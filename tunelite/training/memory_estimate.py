@@ -55,9 +55,12 @@ from tunelite.modules.offload import MIN_OFFLOAD_BYTES
 from tunelite.modules.nf4 import BLOCK_SIZE as NF4_BLOCK
 from tunelite.recipe_registry import RecipeDeclarations
 from tunelite.runtime.device import get_dtype
+from tunelite.training.offload_optimizer import ACCUMULATION_DTYPES, host_memory
 
 GIB = 2**30
 OFFLOAD_OPTIMIZER = "tunelite.training.optimizers.cpu_offload_optimizer"
+# Its state, update and accumulated gradients are in host memory, like offload_gradients, and it accumulates.
+OVERLAPPED_OPTIMIZER = "tunelite.training.offload_optimizer.overlapped_cpu_adamw"
 
 WEIGHTS, ADAPTER, GRADIENTS, OPTIMIZER = "weights", "adapter", "gradients", "optimizer state"
 ACTIVATIONS, LOSS, WORKSPACE, OVERHEAD = "activations", "logits/loss", "workspace (cuBLAS)", "CUDA context + reserve"
@@ -161,10 +164,11 @@ class _Optimizer:
     """What the memory model needs to know of the configured optimizer."""
 
     name: str  # class name of the optimizer that holds the state, e.g. AdamW
-    offloaded: bool  # cpu_offload_optimizer: state (and step) in host memory
+    offloaded: bool  # cpu_offload_optimizer, overlapped_cpu_adamw: state (and step) in host memory
     offload_gradients: bool
     in_backward: bool  # optimizer_in_bwd: one parameter stepped, and its gradient freed, at a time
     momentum: bool
+    can_accumulate: bool  # not with optimizer_in_bwd, nor with torchao's offloaded gradients
 
     def state_bytes(self, numel: int, param_bytes: int) -> float:
         """GPU bytes of optimizer state for one parameter tensor."""
@@ -184,14 +188,18 @@ class _Optimizer:
 def _optimizer_facts(cfg: DictConfig, recipe: RecipeMemory) -> _Optimizer:
     node = cfg.optimizer
     dotted = str(node._component_)
-    offloaded = dotted == OFFLOAD_OPTIMIZER
-    inner = str(node.get("optimizer", "torch.optim.AdamW")) if offloaded else dotted
+    torchao = dotted == OFFLOAD_OPTIMIZER
+    inner = {OFFLOAD_OPTIMIZER: str(node.get("optimizer", "torch.optim.AdamW")), OVERLAPPED_OPTIMIZER: "AdamW"}.get(
+        dotted, dotted)
+    offload_gradients = dotted == OVERLAPPED_OPTIMIZER or (torchao and bool(node.get("offload_gradients", False)))
+    in_backward = recipe.trains_all and bool(cfg.get("optimizer_in_bwd", False))
     return _Optimizer(
         name=inner.rsplit(".", 1)[-1],
-        offloaded=offloaded,
-        offload_gradients=offloaded and bool(node.get("offload_gradients", False)),
-        in_backward=recipe.trains_all and bool(cfg.get("optimizer_in_bwd", False)),
+        offloaded=torchao or dotted == OVERLAPPED_OPTIMIZER,
+        offload_gradients=offload_gradients,
+        in_backward=in_backward,
         momentum=bool(node.get("momentum", 0)),
+        can_accumulate=not in_backward and not (torchao and offload_gradients),
     )
 
 
@@ -508,11 +516,17 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
         WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=not recipe.trains_all),
         ADAPTER: f"{sum(params[n].numel() for n in adapters) / 1e6:.1f}M trained values" if adapters else "",
         GRADIENTS: _gradient_detail(optimizer),
-        OPTIMIZER: (f"{optimizer.name} in host memory (cpu_offload_optimizer)" if optimizer.offloaded
+        OPTIMIZER: (f"{optimizer.name} in host memory ({str(cfg.optimizer._component_).rsplit('.', 1)[-1]})"
+                    if optimizer.offloaded
                     else f"{optimizer.name}, for {sum(params[n].numel() for n in trained) / 1e6:.1f}M trained values"),
         OVERHEAD: (f"{gib(CUDA_CONTEXT)} context + allocator reserve ({ALLOCATOR_RESERVE:.0%} of gradients, "
                    "activations and logits); not in peak allocated"),
     }
+    if str(cfg.optimizer._component_) == OVERLAPPED_OPTIMIZER:
+        accumulation = ACCUMULATION_DTYPES.get(str(cfg.optimizer.get("accumulation_dtype", "fp32")), torch.float32)
+        host = host_memory([params[n].numel() for n in trained], dtype, accumulation)
+        notes += (f"host memory for the optimizer: {gib(sum(host.values()))} ("
+                  + ", ".join(f"{name} {gib(size)}" for name, size in host.items()) + ")",)
     return MemoryModel(
         recipe, args, cfg.dtype, p, cfg.batch_size, seq,
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
@@ -587,7 +601,7 @@ def _ladders(cfg: DictConfig, recipe: RecipeMemory) -> list[list[list[str]]]:
     it), then a lighter method (QLoRA, CPU-offloaded or in-backward optimizer), then shorter sequences."""
     optimizer = _optimizer_facts(cfg, recipe)
     batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
-    can_accumulate = not optimizer.in_backward and not optimizer.offload_gradients
+    can_accumulate = optimizer.can_accumulate
     smaller_batches = [
         [_set(cfg, "batch_size", b)] + ([_set(cfg, "gradient_accumulation_steps", accumulation * batch // b)]
                                         if can_accumulate else [])

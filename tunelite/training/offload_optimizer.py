@@ -61,7 +61,8 @@ def overlapped_cpu_adamw(
     less host memory traffic per micro-batch): exact with gradient_accumulation_steps 1, rounded
     like bf16 training's own accumulation otherwise. `chunk_size`: values per fused operation."""
     if accumulation_dtype not in ACCUMULATION_DTYPES:
-        raise ConfigError(f"optimizer.accumulation_dtype: {accumulation_dtype!r} is not one of {sorted(ACCUMULATION_DTYPES)}")
+        raise ConfigError(f"optimizer.accumulation_dtype: {accumulation_dtype!r} is not one of "
+                          f"{sorted(ACCUMULATION_DTYPES)}")
     return OverlappedCPUAdamW(params, lr, betas, eps, weight_decay, ACCUMULATION_DTYPES[accumulation_dtype], chunk_size)
 
 
@@ -336,15 +337,17 @@ class OverlappedCPUAdamW:
         self.wait()
         ours = self._groups_with_indices()
         if [g["params"] for g in state["param_groups"]] != [g["params"] for g in ours]:
-            raise ValueError(f"the state holds {sum(len(g['params']) for g in state['param_groups'])} parameters "
-                             f"in {len(state['param_groups'])} groups, this optimizer {len(self._slots)} in {len(ours)}")
+            groups = state["param_groups"]
+            raise ValueError(f"the state holds {sum(len(g['params']) for g in groups)} parameters in {len(groups)} "
+                             f"groups, this optimizer {len(self._slots)} in {len(ours)}")
         for slot in self._slots:
             saved = state["state"][slot.index]
             if saved["master_weight"].shape != slot.param.shape:
                 raise ValueError(f"parameter {slot.index} has shape {tuple(slot.param.shape)}, "
                                  f"the state {tuple(saved['master_weight'].shape)}")
             slot.step.copy_(saved["step"])
-            for name, mine in (("master_weight", slot.master), ("exp_avg", slot.exp_avg), ("exp_avg_sq", slot.exp_avg_sq)):
+            for name, mine in (("master_weight", slot.master), ("exp_avg", slot.exp_avg),
+                               ("exp_avg_sq", slot.exp_avg_sq)):
                 mine.copy_(saved[name].reshape(-1))
             with torch.no_grad():
                 slot.param.copy_(slot.master.view(slot.param.shape))
@@ -397,7 +400,8 @@ class OverlappedCPUAdamW:
 
     def _raise_if_failed(self) -> None:
         if self._worker.error is not None:
-            raise RuntimeError("the CPU AdamW worker failed; this run's optimizer state is lost") from self._worker.error
+            error = self._worker.error
+            raise RuntimeError("the CPU AdamW worker failed; this run's optimizer state is lost") from error
 
     # The worker's side: jobs run one at a time, in order. After a failure each job only
     # releases what others wait for, and the main thread raises at its next call.

@@ -1,6 +1,6 @@
-"""The distributed LoRA recipe under torchrun, on the CPU through gloo: it trains exactly as the
-single-device recipe does on the same global batch, on one machine and across two, resumes
-after a kill, and shards NF4 (QLoRA) base weights."""
+"""The distributed LoRA and full fine-tune recipes under torchrun, on the CPU through gloo: each
+trains exactly as its single-device recipe does on the same global batch (LoRA on one machine and
+across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights."""
 
 import json
 import os
@@ -27,6 +27,9 @@ from tunelite.data.sampler import ResumableSampler
 COMMON = ["epochs=1", "max_steps_per_epoch=2", "gradient_accumulation_steps=2", "log_every_n_steps=1",
           "save_every_n_steps=1", "keep_last_n_checkpoints=null", "+dataset.val_fraction=0.1", "+eval_every_n_steps=1"]
 QLORA = "model._component_=tunelite.models.qlora_llama3_1_tiny"
+# (recipe, tiny config) of each distributed recipe.
+LORA = ("lora_finetune_distributed", "tiny/lora_distributed_cpu")
+FULL = ("full_finetune_distributed", "tiny/full_distributed_cpu")
 # One thread per process: two processes share this machine's two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -36,22 +39,21 @@ def tunelite_command(out: Path, torchrun: list[str], *overrides: str) -> list[st
             "--config", "tiny/lora_distributed_cpu", f"output_dir={out}", *COMMON, *overrides]
 
 
-def torchrun_command(out: Path, *overrides: str) -> list[str]:
+def torchrun_command(out: Path, *overrides: str, recipe: tuple[str, str] = LORA) -> list[str]:
     """Two processes of 4 samples each: the global batch of 8 of the single-device reference.
     torchrun itself, sparing the seconds `tunelite run` spends validating the config first."""
+    name, config = recipe
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-            str(get_recipe("lora_finetune_distributed").path), "--config", "tiny/lora_distributed_cpu",
-            f"output_dir={out}", *COMMON, *overrides]
+            str(get_recipe(name).path), "--config", config, f"output_dir={out}", *COMMON, *overrides]
 
 
-def run_distributed(out: Path, *overrides: str) -> None:
-    done = subprocess.run(torchrun_command(out, *overrides), env=ENV, capture_output=True)
+def run_distributed(out: Path, *overrides: str, recipe: tuple[str, str] = LORA) -> None:
+    done = subprocess.run(torchrun_command(out, *overrides, recipe=recipe), env=ENV, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
 
-def run_single_device(out: Path, config: str) -> None:
-    assert main(["run", "lora_finetune_single_device", "--config", config, f"output_dir={out}", "batch_size=8",
-                 *COMMON]) in (0, None)
+def run_single_device(out: Path, config: str, recipe: str = "lora_finetune_single_device") -> None:
+    assert main(["run", recipe, "--config", config, f"output_dir={out}", "batch_size=8", *COMMON]) in (0, None)
 
 
 def metrics(out: Path) -> dict[tuple[int, str], float]:
@@ -63,15 +65,17 @@ def metrics(out: Path) -> dict[tuple[int, str], float]:
     return found
 
 
-def assert_same_training(out: Path, reference: Path, atol: float = 1e-5) -> None:
-    """Same losses, gradient norms and validation losses step by step, and the same adapter and
-    merged model at the end."""
+def assert_same_training(out: Path, reference: Path, atol: float = 1e-5,
+                         weights: tuple[str, ...] = ("adapter/adapter_model.safetensors", "model/model.safetensors")
+                         ) -> None:
+    """Same losses, gradient norms and validation losses step by step, and the same weights files
+    (by default the adapter and the merged model) at the end."""
     ours, theirs = metrics(out), metrics(reference)
     assert ours.keys() == theirs.keys() and len(ours) == 6
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=atol), key
-    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
-        ours, theirs = load_file(out / "step_2" / weights), load_file(reference / "step_2" / weights)
+    for file in weights:
+        ours, theirs = load_file(out / "step_2" / file), load_file(reference / "step_2" / file)
         assert ours.keys() == theirs.keys()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol)
@@ -128,30 +132,87 @@ def test_nf4_base_weights_shard_and_train_as_on_one_device(tmp_path, monkeypatch
     assert_same_training(tmp_path / "distributed", tmp_path / "single")
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
-    # Dropout on, so the resumed ranks also need their own RNG states back.
-    args = ["epochs=2", "max_steps_per_epoch=null", "model.lora_dropout=0.1", "save_every_n_steps=4",
-            "eval_every_n_steps=null", "save_merged_model=False"]
-    run_distributed(tmp_path / "uninterrupted", *args)
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_until_gone(pid: int, timeout: float = 60) -> None:
+    """Waits for a killed process that is not our child (so not ours to reap) to disappear."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return  # reaped
+        if state == "Z":
+            return  # dead, waiting for its parent to read its exit status
+        assert time.monotonic() < deadline, f"process {pid} survived SIGKILL"
+        time.sleep(0.01)
+
+
+def kill_resume_and_compare(tmp_path: Path, args: list[str], final: str, recipe: tuple[str, str] = LORA) -> None:
+    """An uninterrupted run, and one killed (SIGKILL, launcher and workers at once) after its step 4
+    checkpoint and resumed: the same metrics and, bit for bit, the same `final` weights file."""
+    run_distributed(tmp_path / "uninterrupted", *args, recipe=recipe)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun_command(killed, *args), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun_command(killed, *args, recipe=recipe), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (killed / "step_4").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once
+    workers = children(proc.pid)
+    assert len(workers) == 2, f"torchrun's workers not found: {workers}"
+    for pid in workers:  # each in a session of its own (torchrun's doing), out of reach of killpg
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for pid in workers:
+        wait_until_gone(pid)
     assert not (killed / "step_10").exists(), "the run finished before the kill; the test proved nothing"
 
-    run_distributed(killed, *args, "resume_from_checkpoint=True")
+    run_distributed(killed, *args, "resume_from_checkpoint=True", recipe=recipe)
     after, uninterrupted = metrics(killed), metrics(tmp_path / "uninterrupted")
     assert after.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         assert after[key] == value, key
-    final = "step_10/adapter/adapter_model.safetensors"
     ours, theirs = load_file(killed / final), load_file(tmp_path / "uninterrupted" / final)
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    # Dropout on, so the resumed ranks also need their own RNG states back.
+    args = ["epochs=2", "max_steps_per_epoch=null", "model.lora_dropout=0.1", "save_every_n_steps=4",
+            "eval_every_n_steps=null", "save_merged_model=False"]
+    kill_resume_and_compare(tmp_path, args, "step_10/adapter/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_single_device(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("full_single")
+    run_single_device(out, "tiny/full_cpu", recipe="full_finetune_single_device")
+    return out
+
+
+def test_full_fine_tune_over_two_processes_trains_as_one_on_the_same_global_batch(tmp_path, full_single_device):
+    run_distributed(tmp_path, "enable_activation_checkpointing=True", recipe=FULL)
+    assert_same_training(tmp_path, full_single_device, weights=("model/model.safetensors",))
+
+
+def test_full_fine_tune_resumes_after_sigkill_to_the_same_bits(tmp_path):
+    """The weights come back from the checkpoint's HF folder and each rank's optimizer shards from
+    its optimizer/ folder (torch.distributed.checkpoint)."""
+    args = ["epochs=2", "max_steps_per_epoch=null", "save_every_n_steps=4", "eval_every_n_steps=null"]
+    kill_resume_and_compare(tmp_path, args, "step_10/model/model.safetensors", recipe=FULL)
 
 
 def test_without_torchrun_the_recipe_says_how_to_launch_it(tmp_path, capsys):

@@ -87,6 +87,11 @@ RECIPES: tuple[Recipe, ...] = (
         supports_distributed=True,
     ),
     Recipe(
+        name="full_finetune_distributed",
+        configs=("tiny/full_distributed_cpu", "llama3_1/8B_full", "llama3_1/70B_full"),
+        supports_distributed=True,
+    ),
+    Recipe(
         name="lora_dpo_single_device",
         configs=("tiny/lora_dpo_cpu", "llama3_1/8B_lora_dpo_single_device"),
         supports_distributed=False,

@@ -1,22 +1,32 @@
-"""FSDP2 for a LoRA model: shard it while it is still on the meta device, fill each rank's shards
-from the checkpoint, and gather whole tensors back for saving.
+"""FSDP2 for a LoRA model or a full fine-tune: shard it while it is still on the meta device, fill
+each rank's shards from the checkpoint, and gather whole tensors back for saving.
 
 Each rank holds 1/N of every weight, the frozen base included, and all-gathers one transformer
-layer at a time for its forward and backward; the gradients of the adapters are summed across
-ranks (reduce-scatter), so every rank steps its shard of the same adapters.
+layer at a time for its forward and backward; the gradients of what trains are summed across
+ranks (reduce-scatter), so every rank steps its shard of the same weights.
 """
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from tunelite.checkpointing.hf import HFCheckpointer
@@ -24,7 +34,8 @@ from tunelite.checkpointing.loading import assign_checkpoint, load_fitting, nf4_
 from tunelite.models.llama import TransformerDecoder
 from tunelite.modules.lora import ADAPTER_SUFFIXES, LoRALinear
 from tunelite.modules.nf4 import dequantize, quantize_nf4
-from tunelite.runtime.ranks import is_main_process
+from tunelite.errors import CheckpointError
+from tunelite.runtime.ranks import gather_objects, is_main_process
 from tunelite.runtime.shards import local_shard
 
 
@@ -42,7 +53,8 @@ def init_adapters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def shard_model(
-    model: TransformerDecoder, device: torch.device, dtype: torch.dtype, reshard_after_forward: bool
+    model: TransformerDecoder, device: torch.device, dtype: torch.dtype, reshard_after_forward: bool,
+    cpu_offload: bool = False,
 ) -> None:
     """fully_shard each transformer layer, then the root (embedding, final norm, output projection).
 
@@ -50,14 +62,18 @@ def shard_model(
     output projection after `hidden_states` returns. Gradients are summed across ranks, not
     averaged: each rank's loss is already divided by the labelled tokens of the whole global batch,
     so the sum is the single-device gradient. In bf16, parameters are gathered in bf16 and
-    gradients reduced in fp32."""
+    gradients reduced in fp32. With `cpu_offload` (FSDP2's CPUOffloadPolicy) the shards and their
+    gradients live in pinned host memory, so the optimizer's state does too and it steps on the
+    CPU; each layer's shards are copied to the GPU to be gathered."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp_policy = MixedPrecisionPolicy()
     if dtype == torch.bfloat16:
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -141,3 +157,56 @@ class ShardedOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+class ShardedStateOptimizer:
+    """An optimizer over a sharded model whose state each rank writes itself, its own shards, with
+    torch.distributed.checkpoint (`save_shards`), so that no process ever holds all of it: for a
+    full fine-tune that is twice the model (280 GB for 70B in bf16), where ShardedOptimizer's
+    gathering to rank 0 suits LoRA's adapters. `state_dict()`, which goes into recipe_state.pt,
+    only says where the state is; `load_shards` reads it back, resharded if the model was split
+    otherwise.
+
+    It offers what the loop and the LR schedule use (`param_groups`, `step`, `zero_grad`,
+    `state_dict`, `load_state_dict`)."""
+
+    FOLDER = "optimizer"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups  # looked up each time, as ShardedOptimizer's
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shards": self.FOLDER}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks that the state is in shards beside it (load_shards has read them)."""
+        if state.get("shards") != self.FOLDER:
+            raise ValueError(f"this optimizer's state was saved whole, not in shards under {self.FOLDER}/")
+
+    def save_shards(self, folder: Path | None) -> None:
+        """Every rank writes its shards into `folder`/optimizer, the folder rank 0 was given (the
+        other ranks are given None): one file per rank, and rank 0 adds the metadata once every
+        rank's file is written, so the folder is whole when this returns on rank 0."""
+        target = Path(gather_objects(folder)[0]) / self.FOLDER
+        dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=target)
+
+    def load_shards(self, folder: Path) -> None:
+        """Every rank reads its shards of the state `save_shards` wrote into `folder`."""
+        source = Path(folder) / self.FOLDER
+        state = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to read into
+        try:
+            dcp.load(state, checkpoint_id=source)
+        except (CheckpointException, OSError, RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{source}: the optimizer state cannot be read into this model's shards "
+                                  f"({type(error).__name__}: {str(error)[:300]})") from error
+        set_optimizer_state_dict(self.model, self.optimizer, state)

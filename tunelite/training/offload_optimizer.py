@@ -288,8 +288,9 @@ class OverlappedCPUAdamW:
             self.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forgets the gradients accumulated since the last update (the loop's skip of a
-        non-finite step); there are never any on the device to free."""
+        """Forgets the gradients accumulated since the last update, and any clip scale (the loop's
+        skip of a non-finite step); there are never any on the device to free."""
+        self._grad_scale = 1.0
         self._worker.jobs.put(self._forget_gradients)
 
     def wait(self) -> None:

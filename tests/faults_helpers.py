@@ -33,13 +33,15 @@ ARGS = ["epochs=3", "save_every_n_steps=5", "log_every_n_steps=1", "keep_last_n_
         "model.lora_dropout=0.1", "save_merged_model=False"]
 TOTAL_STEPS = 36
 FAULTY_LOSS = "loss._component_=faults_helpers.FaultyLoss"
+# A run may build this module's components only because its config trusts the module.
+TRUST_HELPERS = "+trusted_components=[faults_helpers]"
 
 
 def run_args(out: Path, *extra: str) -> list[str]:
     """`tunelite` arguments of the demo run into `out`, `extra` overriding ARGS. The run trusts this
     module, so a config may build its faults as components."""
     return ["run", "lora_finetune_single_device", "--config", "tiny/lora_cpu", f"output_dir={out}",
-            "+trusted_components=[faults_helpers]", *ARGS, *extra]
+            TRUST_HELPERS, *ARGS, *extra]
 
 
 def command(out: Path, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ import huggingface_hub.constants
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from tunelite.checkpointing.peft import SOURCE_RECORD
+from tunelite.files import SOURCE_RECORD
 from tunelite.cli.main import main
 
 COMMIT = "0e9e39f249a16976918f6564b8830bc894c89659"

@@ -164,8 +164,8 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_anything_runs
     out = tmp_path / "a_file" / "run"
     assert main(run_args(out, f"metric_logger.1.log_dir={tmp_path / 'logs'}")) == 2
     message = capsys.readouterr().err
-    assert f"output_dir {out} cannot be created: Not a directory [ENOTDIR]" in message
-    assert "set output_dir to another folder" in message
+    assert f"output_dir: cannot create {out}: {tmp_path / 'a_file'} is a file, not a folder" in message
+    assert "choose another folder" in message
     assert not (tmp_path / "logs").exists(), "the run started before refusing its output folder"
 
 

@@ -19,7 +19,7 @@ from tunelite.config import asset_path
 from tunelite.models import qlora_llama3_1_tiny
 from tunelite.modules.lora import set_trainable_params
 from tunelite.modules.nf4 import NF4Tensor
-from tunelite.recipe_registry import RECIPES, configs_dir
+from tunelite.recipe_registry import configs_dir
 from tunelite.training.oom import oom_advice
 from tunelite.training.reporting import StepReporter
 from tunelite.training.metric_logging import DiskLogger, MetricLoggers

@@ -107,7 +107,7 @@ def test_trusted_components_must_list_package_names(tmp_path, capsys):
 def test_the_tests_own_components_are_trusted_by_name_not_by_a_loosened_check(tmp_path):
     """faults_helpers is named by the fault tests' configs; without saying so, it is refused too."""
     config = tmp_path / "c.yaml"
-    config.write_text("output_dir: x\nloss:\n  _component_: faults_helpers.NonFiniteAtSteps\n")
+    config.write_text("output_dir: x\nloss:\n  _component_: faults_helpers.FaultyLoss\n")
     keys = RecipeKeys("a_recipe", ("output_dir", "loss"))
     with pytest.raises(ConfigError, match="faults_helpers"):
         validate_config(load_config(config), keys)

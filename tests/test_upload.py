@@ -96,7 +96,7 @@ def run(tmp_path) -> Path:
     out = tmp_path / "out"
     save_peft_adapter(_lora_model_with_trained_adapter(base), out / "step_4" / "adapter", "meta-llama/Llama-3.1-8B-Instruct")
     (out / "step_4" / "recipe_state.pt").write_bytes(b"pickled optimizer state")
-    (out / "step_4" / "manifest.json").write_text("{}")
+    (out / "step_4" / "manifest.json").write_text('{"run_id": "r", "files": {}}')
     logs = out / "logs"
     logs.mkdir()
     (logs / "metrics_20260101-000000.jsonl").write_text(

@@ -20,6 +20,9 @@ MIB = 2**20
 MAX_CONFIG_BYTES = 4 * MIB
 MAX_JSON_BYTES = 16 * MIB
 MAX_TOKENIZER_BYTES = 256 * MIB
+# What `tunelite download` writes beside a model folder's files: the repo and commit they came
+# from, which adapters trained on the folder name as their base.
+SOURCE_RECORD = "tunelite_source.json"
 
 
 def _size(size: int) -> str:

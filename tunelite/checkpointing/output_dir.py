@@ -50,7 +50,9 @@ def claim_output_dir(output_dir: Path, resume_from_checkpoint: bool | str | None
     written. Distributed, rank 0 locks the folder and decides, and every rank acts on its decision,
     so all of them refuse together."""
     lock, run, failure = None, None, None
+    created = False
     if is_main_process():
+        created = not Path(output_dir).exists()
         try:
             lock = _lock(Path(output_dir))
             run = _take(Path(output_dir), resume_from_checkpoint, overwrite)
@@ -66,6 +68,17 @@ def claim_output_dir(output_dir: Path, resume_from_checkpoint: bool | str | None
     finally:
         if lock is not None:
             _unlock(lock)
+            if created:
+                _remove_if_unused(Path(output_dir))
+
+
+def _remove_if_unused(output_dir: Path) -> None:
+    """Removes a folder this run created and left holding only its lock file: a run refused
+    before it wrote anything (bad data, a bad checkpoint) leaves nothing behind."""
+    with contextlib.suppress(OSError):
+        if [entry.name for entry in output_dir.iterdir()] == [LOCK_FILE]:
+            (output_dir / LOCK_FILE).unlink()
+            output_dir.rmdir()
 
 
 def _lock(output_dir: Path) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from tunelite.checkpointing.atomic import verify_written_files
 from tunelite.checkpointing.hf import ADAPTERS, read_safetensors
 from tunelite.config.values import ARGUMENT_RANGES, value_problem
-from tunelite.files import read_json
+from tunelite.files import SOURCE_RECORD, read_json
 from tunelite.runtime.shards import local_shard
 from tunelite.errors import CheckpointError
 from tunelite.models.decoder import LoRAArgs, ModelArgs, attention_projections, mlp_projections
@@ -27,8 +27,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 _SUFFIX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-# What `tunelite download` writes into a folder it fetched: {"repo_id": ..., "revision": ...}.
-SOURCE_RECORD = "tunelite_source.json"
 
 
 def peft_key(our_key: str, model_type: str = "llama") -> str:

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunelite.checkpointing.peft import SOURCE_RECORD
 from tunelite.errors import TuneliteError
+from tunelite.files import SOURCE_RECORD
 
 ALLOW_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",

@@ -8,7 +8,6 @@ YaRN window, Qwen's sliding layers, biases Llama never uses) is refused by name,
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

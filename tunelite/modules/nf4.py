@@ -6,7 +6,6 @@ place that knows both homes.
 """
 
 import logging
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -40,5 +40,8 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, int, int
         dist.init_process_group("gloo")
     try:
         yield device, dist.get_rank(), dist.get_world_size()
+        # Every rank done before any tears its connections down: a rank that leaves while another
+        # still finishes (rank 0 writing the last checkpoint) can abort that rank's gloo threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -30,9 +30,10 @@ import torch
 from omegaconf import DictConfig
 
 from tunelite.checkpointing.hf import HFCheckpointer
+from tunelite.checkpointing.output_dir import RunFolder, claim_output_dir
 from tunelite.checkpointing.state import (
     Progress,
-    find_resume_folder,
+    checkpoint_lacks,
     load_training_state,
     run_fingerprint,
     save_checkpoint,
@@ -47,13 +48,15 @@ from tunelite.distributed.sharding import (
     load_sharded_checkpoint,
     shard_model,
 )
-from tunelite.models.llama import set_activation_checkpointing
 from tunelite.modules.loss import IGNORE_INDEX
+from tunelite.modules.memory_policy import set_memory_policy
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.ranks import sum_over_ranks
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
-from tunelite.training.nonfinite import is_finite, skip_nonfinite_step
+from tunelite.training.divergence import diverged
+from tunelite.training.memory_policy import plan_memory
+from tunelite.training.nonfinite import is_finite, skip_or_stop
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.profiling import build_profiler
 from tunelite.training.reporting import StepReporter, build_metric_loggers
@@ -71,7 +74,8 @@ CONFIG_KEYS = {
     "optional": (
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "resume_from_checkpoint",
-        "log_peak_memory_stats", "fsdp_reshard_after_forward", "fsdp_cpu_offload",
+        "log_peak_memory_stats", "fsdp_reshard_after_forward", "fsdp_cpu_offload", "overwrite_output_dir",
+        "divergence_factor", "enable_activation_offloading", "memory_budget_gib",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: every weight trains, one sequence a sample.
@@ -80,10 +84,13 @@ MEMORY = {"trains": "all", "sequences_per_sample": 1}
 
 def main(cfg: DictConfig) -> None:
     with process_group(get_device(cfg.device)) as (device, rank, world_size):
-        train(cfg, device, rank, world_size)
+        # The output folder is this run's alone while it runs: rank 0 takes it, or refuses, for all ranks.
+        with claim_output_dir(Path(cfg.output_dir), cfg.get("resume_from_checkpoint", False),
+                              cfg.get("overwrite_output_dir", False)) as run:
+            train(cfg, run, device, rank, world_size)
 
 
-def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> None:
+def train(cfg: DictConfig, run: RunFolder, device: torch.device, rank: int, world_size: int) -> None:
     dtype = get_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
@@ -109,12 +116,15 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
     # The model: built on the meta device, sharded layer by layer, then each rank fills its rows from
     # the base checkpoint or, when resuming, from the checkpoint's model (HF layout, training dtype).
     checkpointer = instantiate(cfg.checkpointer)
-    resume = find_resume_folder(cfg.get("resume_from_checkpoint", False), output_dir)
     with torch.device("meta"):
         model = instantiate(cfg.model)
     shard_model(model, device, dtype, cfg.get("fsdp_reshard_after_forward", True), cfg.get("fsdp_cpu_offload", False))
-    load_sharded_checkpoint(model, HFCheckpointer(str(resume / "model")) if resume else checkpointer, device, dtype)
-    set_activation_checkpointing(model, 1 if cfg.enable_activation_checkpointing else 0)
+    load_sharded_checkpoint(model, HFCheckpointer(str(run.resume / "model")) if run.resume else checkpointer, device,
+                            dtype)
+    # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
+    plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
+                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
+    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
     if cfg.compile:
         compile_layers(model)
     params = list(model.parameters())
@@ -126,8 +136,13 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
 
     # Checkpoints: every rank gathers (collectives) and writes its optimizer shards; rank 0 alone is
     # handed the folder, and writes the model.
-    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation, epoch_steps,
+    fingerprint = run_fingerprint(cfg.model._component_, len(dataset), cfg.batch_size, accumulation,
                                   cfg.shuffle, cfg.seed, world_size)
+    # What a resumed run may change (each change is applied and said); the fingerprint's it may not.
+    settings = {"optimizer": cfg.optimizer, "lr_scheduler": cfg.lr_scheduler, "epochs": cfg.epochs,
+                "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "clip_grad_norm": cfg.get("clip_grad_norm"),
+                "log_every_n_steps": cfg.log_every_n_steps, "eval_every_n_steps": cfg.get("eval_every_n_steps"),
+                "save_every_n_steps": cfg.get("save_every_n_steps")}
 
     def write_model(folder: Path | None) -> None:
         weights = gather_full_state_dict(model)  # whole tensors in host memory, on rank 0 only
@@ -136,20 +151,21 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
         optimizer.save_shards(folder)
 
     def save() -> Path:
-        return save_checkpoint(output_dir, progress, write_model, optimizer, scheduler, fingerprint,
-                               cfg.get("keep_last_n_checkpoints"))
+        return save_checkpoint(output_dir, progress, write_model, optimizer, scheduler, fingerprint, settings,
+                               cfg.get("keep_last_n_checkpoints"), run.run_id)
 
     progress, saved_step = Progress(), None
-    if resume is not None:
-        optimizer.load_shards(resume)  # each rank reads its shards; the weights came back above
-        progress = load_training_state(resume, optimizer, scheduler, fingerprint)
+    if run.resume is not None:
+        optimizer.load_shards(run.resume)  # each rank reads its shards; the weights came back above
+        progress = load_training_state(run.resume, optimizer, scheduler, fingerprint, settings, epoch_steps)
         saved_step = progress.step
-        print(f"resumed from {resume}: step {progress.step} of {total_steps}")
+        print(f"resumed from {run.resume}: step {progress.step} of {total_steps}")
 
     reporter = StepReporter(logger, total_steps, progress.step, device, cfg.log_every_n_steps,
                             cfg.get("log_peak_memory_stats", False))
     profiler = instantiate(cfg.profiler) if cfg.get("profiler") else build_profiler()
     skip_limit = cfg.get("skip_nonfinite_steps") or 0
+    divergence_factor = cfg.get("divergence_factor", 10.0)
     model.train()
     reset_peak_memory(device)
     with reporter, profiler, StopRequest() as stop, advice_on_oom(
@@ -172,7 +188,8 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
                     # Gradients are reduced across ranks once a step, after the last micro-batch.
                     set_gradient_sync(model, i == len(window) - 1)
                     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                    hidden = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("mask"))
+                    hidden = model.hidden_states(batch["tokens"], batch.get("positions"),
+                                                 document_ids=batch.get("document_ids"))
                     share = (batch["labels"] != IGNORE_INDEX).sum() / num_labels
                     loss = loss_fn(hidden, batch["labels"], model.output) * share
                     loss.backward()
@@ -180,19 +197,20 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
                 step_loss = sum_over_ranks(step_loss)  # the global batch's: every rank decides alike below
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
-                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop.
-                if is_finite(step_loss, grad_norm):
+                # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop; nor does a
+                # loss far above its recent history (divergence_factor): stop.
+                if is_finite(step_loss, grad_norm) and not diverged(progress, step_loss, divergence_factor):
                     if cfg.get("clip_grad_norm"):
                         torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad_norm, grad_norm)
                     optimizer.step()
                 else:
                     samples = step_sample_indices(loader, epoch, progress.step_in_epoch, accumulation)
-                    progress, message = skip_nonfinite_step(progress, skip_limit, step_loss, grad_norm, samples,
-                                                            output_dir)
+                    progress, message = skip_or_stop(progress, skip_limit, divergence_factor, step_loss, grad_norm,
+                                                     samples, output_dir)
                     reporter.note(message)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                progress = progress.advanced(epoch_steps)
+                progress = progress.advanced(epoch_steps, step_loss)
 
                 reporter.report(progress.step, epoch, step_loss, optimizer.param_groups[0]["lr"], num_labels, started,
                                 grad_norm, progress.skipped_steps)
@@ -205,8 +223,11 @@ def train(cfg: DictConfig, device: torch.device, rank: int, world_size: int) -> 
                 if progress.step_in_epoch == 0 or (save_every and progress.step % save_every == 0):
                     save()
                     saved_step = progress.step
+    final = output_dir / f"step_{progress.step}"
+    if checkpoint_lacks(final, ["model"]):
+        save()  # resumed at the last step from a checkpoint in another folder
     if rank == 0:
-        print(f"done on {world_size} processes: {output_dir / f'step_{progress.step}' / 'model'} (HF layout)")
+        print(f"done on {world_size} processes: {final / 'model'} (HF layout)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The distributed LoRA and full fine-tune recipes under torchrun, on the CPU through gloo: each
 trains exactly as its single-device recipe does on the same global batch (LoRA on one machine and
-across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights."""
+across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights. A
+resumed full fine-tune applies a changed optimizer setting."""
 
 import json
 import os
@@ -14,13 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.fsdp import fully_shard
 
+from tunelite.checkpointing.state import Progress, load_training_state, save_checkpoint
 from tunelite.cli.main import main
+from tunelite.distributed.sharding import ShardedStateOptimizer
 from tunelite.modules.nf4 import quantize_nf4
 from tunelite.recipe_registry import get_recipe
 from tunelite.checkpointing import loading
 from tunelite.data.sampler import ResumableSampler
+from tunelite.training.schedulers import cosine_schedule_with_warmup
 
 # Two optimizer steps of two micro-batches each, a checkpoint and a validation loss after the
 # first (the save then follows a forward without backward), clipping on: every part of the step.
@@ -213,6 +220,44 @@ def test_full_fine_tune_resumes_after_sigkill_to_the_same_bits(tmp_path):
     its optimizer/ folder (torch.distributed.checkpoint)."""
     args = ["epochs=2", "max_steps_per_epoch=null", "save_every_n_steps=4", "eval_every_n_steps=null"]
     kill_resume_and_compare(tmp_path, args, "step_10/model/model.safetensors", recipe=FULL)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A process group of this test's process alone: FSDP2 and torch.distributed.checkpoint run as
+    under torchrun, without starting processes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_resumed_full_fine_tune_gets_its_moments_from_the_shards_and_a_changed_setting_from_the_config(
+        tmp_path, one_process_group):
+    def build(weight_decay: float) -> tuple[nn.Module, ShardedStateOptimizer, object]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        fully_shard(model)
+        optimizer = ShardedStateOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2,
+                                                                   weight_decay=weight_decay))
+        return model, optimizer, cosine_schedule_with_warmup(optimizer, 2, num_training_steps=10)
+
+    model, optimizer, scheduler = build(weight_decay=0.0)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    fingerprint = {"model": "two linears"}
+    folder = save_checkpoint(tmp_path / "out", Progress(step=1, step_in_epoch=1), optimizer.save_shards, optimizer,
+                             scheduler, fingerprint, {"optimizer": {"weight_decay": 0.0}}, None, "run")
+    saved = {key: value.to_local().clone() for key, value in optimizer.optimizer.state[model[0].weight].items()
+             if key != "step"}
+
+    model, optimizer, scheduler = build(weight_decay=0.1)
+    optimizer.load_shards(folder)
+    load_training_state(folder, optimizer, scheduler, fingerprint, {"optimizer": {"weight_decay": 0.1}}, 10)
+    state = optimizer.optimizer.state[model[0].weight]
+    assert state["step"].item() == 1 and all(torch.equal(state[key].to_local(), saved[key]) for key in saved)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-2)  # the schedule's after one step of warm-up
 
 
 def test_without_torchrun_the_recipe_says_how_to_launch_it(tmp_path, capsys):

@@ -164,8 +164,9 @@ class ShardedStateOptimizer:
     torch.distributed.checkpoint (`save_shards`), so that no process ever holds all of it: for a
     full fine-tune that is twice the model (280 GB for 70B in bf16), where ShardedOptimizer's
     gathering to rank 0 suits LoRA's adapters. `state_dict()`, which goes into recipe_state.pt,
-    only says where the state is; `load_shards` reads it back, resharded if the model was split
-    otherwise.
+    holds the hyperparameters and says where the tensors are; `load_shards` reads the tensors back,
+    resharded if the model was split otherwise, and `load_state_dict` the hyperparameters, as any
+    optimizer's, so that a resumed run's changed settings are applied as they are elsewhere.
 
     It offers what the loop and the LR schedule use (`param_groups`, `step`, `zero_grad`,
     `state_dict`, `load_state_dict`)."""
@@ -186,27 +187,32 @@ class ShardedStateOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shards": self.FOLDER}
+        return {"shards": self.FOLDER, "param_groups": self.optimizer.state_dict()["param_groups"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Checks that the state is in shards beside it (load_shards has read them)."""
+        """The saved hyperparameters (learning rate, betas, ...); the tensors are read by load_shards."""
         if state.get("shards") != self.FOLDER:
             raise ValueError(f"this optimizer's state was saved whole, not in shards under {self.FOLDER}/")
+        for group, saved in zip(self.optimizer.param_groups, state["param_groups"], strict=True):
+            group.update({key: value for key, value in saved.items() if key != "params"})
 
     def save_shards(self, folder: Path | None) -> None:
-        """Every rank writes its shards into `folder`/optimizer, the folder rank 0 was given (the
-        other ranks are given None): one file per rank, and rank 0 adds the metadata once every
-        rank's file is written, so the folder is whole when this returns on rank 0."""
+        """Every rank writes its shards of the moments and step counts into `folder`/optimizer, the
+        folder rank 0 was given (the other ranks are given None): one file per rank, and rank 0 adds
+        the metadata once every rank's file is written, so the folder is whole when this returns on
+        rank 0."""
         target = Path(gather_objects(folder)[0]) / self.FOLDER
-        dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=target)
+        dcp.save({"state": get_optimizer_state_dict(self.model, self.optimizer)["state"]}, checkpoint_id=target)
 
     def load_shards(self, folder: Path) -> None:
-        """Every rank reads its shards of the state `save_shards` wrote into `folder`."""
+        """Every rank reads its shards of the tensors `save_shards` wrote into `folder`; the
+        hyperparameters stay as configured until `load_state_dict`."""
         source = Path(folder) / self.FOLDER
         state = get_optimizer_state_dict(self.model, self.optimizer)  # the layout to read into
+        tensors = {"state": state["state"]}
         try:
-            dcp.load(state, checkpoint_id=source)
+            dcp.load(tensors, checkpoint_id=source)
         except (CheckpointException, OSError, RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"{source}: the optimizer state cannot be read into this model's shards "
                                   f"({type(error).__name__}: {str(error)[:300]})") from error
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+        set_optimizer_state_dict(self.model, self.optimizer, {**tensors, "param_groups": state["param_groups"]})

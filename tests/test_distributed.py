@@ -1,7 +1,8 @@
 """The distributed LoRA and full fine-tune recipes under torchrun, on the CPU through gloo: each
 trains exactly as its single-device recipe does on the same global batch (LoRA on one machine and
 across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights. A
-resumed full fine-tune applies a changed optimizer setting."""
+second run into a used output folder is refused by every rank; a resumed full fine-tune applies
+a changed optimizer setting."""
 
 import json
 import os
@@ -220,6 +221,18 @@ def test_full_fine_tune_resumes_after_sigkill_to_the_same_bits(tmp_path):
     its optimizer/ folder (torch.distributed.checkpoint)."""
     args = ["epochs=2", "max_steps_per_epoch=null", "save_every_n_steps=4", "eval_every_n_steps=null"]
     kill_resume_and_compare(tmp_path, args, "step_10/model/model.safetensors", recipe=FULL)
+
+
+def test_a_second_full_fine_tune_on_the_same_output_dir_is_refused_by_every_rank(tmp_path):
+    """Rank 0 finds the first run's checkpoints and logs, and every rank stops on its word before
+    anything is written."""
+    run_distributed(tmp_path, "max_steps_per_epoch=1", "gradient_accumulation_steps=1", recipe=FULL)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = subprocess.run(torchrun_command(tmp_path, "max_steps_per_epoch=1", recipe=FULL), env=ENV,
+                          capture_output=True)
+    assert done.returncode != 0
+    assert done.stderr.decode().count(f"error: output_dir {tmp_path} holds another run (step_1, logs)") == 2
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def test_a_resumed_run_decides_as_the_uninterrupted_one_would(tmp_path, capsys):
 
 
 # A short run of each training recipe at a learning rate that blows its weights up over the warm-up
-# (at step 2, lr 2e5 for the adapters; a full fine-tune diverges sooner), the distributed one on
+# (at step 2, lr 2e5 for the adapters; a full fine-tune diverges sooner), the distributed ones on
 # two CPU processes.
 RECIPES = [
     ("lora_finetune_single_device", "tiny/lora_cpu", "1e6"),
@@ -109,12 +109,13 @@ def test_each_training_recipe_stops_a_diverging_run(tmp_path, capsys, recipe, co
     assert "step 3 (dataset samples " in message and "more than divergence_factor (10.0) x the median" in message
 
 
-def test_the_distributed_recipe_stops_a_diverging_run_on_every_rank(tmp_path):
+@pytest.mark.parametrize("recipe,config,lr", [("lora_finetune_distributed", "tiny/lora_distributed_cpu", "1e6"),
+                                              ("full_finetune_distributed", "tiny/full_distributed_cpu", "30")])
+def test_each_distributed_recipe_stops_a_diverging_run_on_every_rank(tmp_path, recipe, config, lr):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(get_recipe("lora_finetune_distributed").path), "--config", "tiny/lora_distributed_cpu",
-         f"output_dir={tmp_path}", "optimizer.lr=1e6", *BLOW_UP], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True)
+         str(get_recipe(recipe).path), "--config", config, f"output_dir={tmp_path}", f"optimizer.lr={lr}", *BLOW_UP],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     assert done.returncode != 0
     assert done.stderr.decode().count("more than divergence_factor (10.0) x the median") == 2, done.stderr.decode()[-3000:]
 

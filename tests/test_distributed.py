@@ -212,7 +212,9 @@ def full_single_device(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_full_fine_tune_over_two_processes_trains_as_one_on_the_same_global_batch(tmp_path, full_single_device):
-    run_distributed(tmp_path, "enable_activation_checkpointing=True", recipe=FULL)
+    # Each layer recomputed and its input offloaded: the memory policy must compose with the sharded layers.
+    run_distributed(tmp_path, "enable_activation_checkpointing=True", "+enable_activation_offloading=True",
+                    recipe=FULL)
     assert_same_training(tmp_path, full_single_device, weights=("model/model.safetensors",))
 
 

@@ -164,7 +164,8 @@ def _storages(module: nn.Module) -> set[int]:
         tensor = tensors.pop()
         if is_traceable_wrapper_subclass(tensor):
             names, _ = tensor.__tensor_flatten__()
-            tensors += [getattr(tensor, name) for name in names]
+            inner = [getattr(tensor, name) for name in names]
+            tensors += [t for t in inner if isinstance(t, torch.Tensor)]  # a DTensor also names its device mesh
         else:
             found.add(tensor.untyped_storage().data_ptr())
     return found

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The GPU tables of docs/benchmarks.md, as run on one 2-GPU H200 machine in three calls of at most
+# ten minutes, the peers beside us (../shared/bench copied to .bench, carried with the tree):
+#
+#   bash benchmarks/gpu_tables.sh 1   # 2 x 2048: torchtune compiled LoRA/QLoRA, ours under a budget | ours compiled, FP8
+#   bash benchmarks/gpu_tables.sh 2   # long samples under a 22 GiB cap: ours QLoRA | Unsloth, ours LoRA, HF+peft+Liger, ours eager
+#   bash benchmarks/gpu_tables.sh 3   # 1 vs 2 GPUs (distributed LoRA, full); then one-GPU full | torchtune's, HF+peft+bnb, ours eager
+#
+# Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
+# time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
+# a row that would overrun the call's time is skipped and says so. The random Llama 3.1 8B
+# checkpoint (make_random_ckpt.py) is written once, at /tmp/ck8b, and reused by later calls.
+set -u
+CALL=$1
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/gpu_tables}
+mkdir -p "$OUT"
+LIMIT=${LIMIT:-560}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+[ -f /tmp/site/omegaconf/__init__.py ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .bench/whl/*.whl || exit 1
+export PYTHONPATH=$ROOT:/tmp/site
+CK=/tmp/ck8b
+
+left() { echo $(( LIMIT - SECONDS )); }
+# row NAME SECONDS COMMAND...: runs the command if SECONDS remain, bounded by what remains.
+row() {
+    local name=$1 need=$2; shift 2
+    local t; t=$(left)
+    if [ "$t" -lt "$need" ]; then echo "RESULT row=$name skipped=\"${t}s left, needs ~${need}s\""; return; fi
+    echo "== $name at ${SECONDS}s"
+    timeout "$t" "$@" 2>&1 | grep -E "^RESULT|Error|error:|out of memory" | grep -v "^W" | tail -8
+}
+bench() { python3 benchmarks/recipe_bench.py "$@"; }
+
+ckpt() {
+    if [ ! -f $CK/model.safetensors.index.json ]; then
+        python3 .bench/make_random_ckpt.py $CK --size 8b 2>&1 | tail -1
+    fi
+    # Unsloth's driver reuses a valid checkpoint's shards instead of writing its own.
+    if [ ! -f /tmp/usl_ck8b/config.json ]; then
+        mkdir -p /tmp/usl_ck8b && cp $CK/config.json $CK/model.safetensors.index.json /tmp/usl_ck8b/ \
+            && ln -sf $CK/*.safetensors /tmp/usl_ck8b/
+    fi
+}
+
+case $CALL in
+1)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
+    # This machine's memory grows as it is touched (MemAvailable reads ~30 GiB at its start); the
+    # full fine-tune's optimizer and the offloading rows check MemAvailable, so touch it first.
+    python3 -c "import torch; x = torch.ones(160 * 2**30, dtype=torch.uint8); print('host memory touched')" &
+    python3 -c "import tarfile; tarfile.open('.bench/anchors/unsloth/site.tar.xz').extractall('/tmp')" &
+    ckpt
+    echo "== checkpoint at ${SECONDS}s"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        echo "== torchtune at ${SECONDS}s"
+        SEQ=2048 STEPS=10 timeout $(( $(left) - 180 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows lora-budget,qlora-budget \
+            --steps 6 --warmup 2 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        row lora-compiled 120 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
+            --steps 10 --warmup 4
+        row qlora-compiled 130 bench lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
+            --steps 10 --warmup 4
+        row fp8-compiled-no-recompute 120 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK \
+            compile=True +model.base_dtype=fp8 enable_activation_checkpointing=False --steps 10 --warmup 4
+        row fp8-check 100 python3 benchmarks/fp8_check.py $CK --steps 204
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+2)
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        row qlora-long 300 python3 benchmarks/long_context_bench.py $CK \
+            --rows qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-packed:16384 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        echo "== unsloth at ${SECONDS}s"
+        LIMIT=230 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768,49152 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
+        row lora-long 150 python3 benchmarks/long_context_bench.py $CK --rows lora:49152,lora:32768 \
+            --time-limit $(( $(left) - 150 ))
+        row hf-peft-liger 80 python3 .bench/hf_peft_lora.py $CK --liger
+        row lora-eager 70 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=False \
+            --steps 8 --warmup 3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+3)
+    python3 -c "import torch; x = torch.ones(160 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    for recipe in lora full; do
+        config=$([ $recipe = lora ] && echo llama3_1/8B_lora || echo llama3_1/8B_full)
+        # The same global batch (2 x 2048 a GPU, 4 x 2048 in all): on one GPU as two micro-batches.
+        row "$recipe-distributed-1gpu" 90 python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
+            benchmarks/recipe_bench.py ${recipe}_finetune_distributed $config $CK --accumulation 2 --steps 6 --warmup 2
+        row "$recipe-distributed-2gpu" 90 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+            benchmarks/recipe_bench.py ${recipe}_finetune_distributed $config $CK --steps 6 --warmup 2
+    done > "$OUT/distributed.log" 2>&1
+    (
+        export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        grep MemAvailable /proc/meminfo
+        row full-single 150 bench full_finetune_single_device llama3_1/8B_full_single_device $CK --accumulation 8 \
+            --steps 3 --warmup 1
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        SEQ=2048 STEPS=6 timeout $(( $(left) - 160 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+        row hf-peft-bnb 80 env PYTHONPATH=/tmp/uslsite python3 .bench/hf_peft_lora.py $CK --qlora
+        row qlora-eager 70 bench lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=False \
+            --steps 8 --warmup 3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+esac
+echo "== call $CALL done at ${SECONDS}s"
+cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem" | cut -c1-400
+for f in "$OUT"/*.txt; do [ -f "$f" ] && echo "$f" && tail -4 "$f" | cut -c1-300; done

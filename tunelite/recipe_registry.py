@@ -107,12 +107,21 @@ RECIPES: tuple[Recipe, ...] = (
 
 def recipes_dir() -> Path:
     """Where the recipe scripts are, in a source checkout or an installed wheel alike."""
-    return Path(str(resources.files("tunelite._recipes")))
+    return _shipped("tunelite._recipes", "recipes")
 
 
 def configs_dir() -> Path:
     """Where the built-in YAML configs are, in a source checkout or an installed wheel alike."""
-    return Path(str(resources.files("tunelite._recipe_configs")))
+    return _shipped("tunelite._recipe_configs", "recipe_configs")
+
+
+def _shipped(package: str, folder: str) -> Path:
+    """A folder the wheel ships as `package`; in a checkout used without installing (on PYTHONPATH,
+    as on a bare GPU machine) the folder beside the tunelite package."""
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / folder
 
 
 def get_recipe(name: str) -> Recipe | None:

@@ -2,8 +2,8 @@
 # The GPU tables of docs/benchmarks.md, as run on one 2-GPU H200 machine in three calls of at most
 # ten minutes, the peers beside us (../shared/bench copied to .bench, carried with the tree):
 #
-#   bash benchmarks/gpu_tables.sh 1   # 2 x 2048: torchtune compiled LoRA/QLoRA, ours under a budget | ours compiled,
-#                                     # FP8, the FP8 loss check, HF+peft+Liger, ours eager
+#   bash benchmarks/gpu_tables.sh 1   # 2 x 2048: torchtune compiled LoRA/QLoRA, ours under a budget, the FP8 loss
+#                                     # check | ours compiled, FP8, ours eager, HF+peft+Liger
 #   bash benchmarks/gpu_tables.sh 2   # long samples under a 22 GiB cap: ours QLoRA | Unsloth, ours LoRA
 #   bash benchmarks/gpu_tables.sh 3   # 1 vs 2 GPUs (distributed LoRA, full); then one-GPU full | torchtune's, HF+peft+bnb, ours eager
 #
@@ -33,7 +33,7 @@ row() {
     echo "== $name at ${SECONDS}s"
     timeout "$t" "$@" 2>&1 | grep -E "^RESULT|Error|error:|out of memory" | grep -v "^W" | tail -8
 }
-bench() { python3 benchmarks/recipe_bench.py "$@"; }
+BENCH="python3 benchmarks/recipe_bench.py"
 
 ckpt() {
     if [ ! -f $CK/model.safetensors.index.json ]; then
@@ -63,20 +63,20 @@ case $CALL in
             lora_compile qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
         row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows lora-budget,qlora-budget \
-            --steps 6 --warmup 2 --time-limit $(( $(left) - 10 ))
+            --steps 6 --warmup 2 --time-limit $(( $(left) - 70 ))
+        row fp8-check 60 python3 benchmarks/fp8_check.py $CK --steps 204
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        row lora-compiled 120 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
+        row lora-compiled 120 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
             --steps 10 --warmup 4
-        row qlora-compiled 130 bench lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
+        row qlora-compiled 130 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
             --steps 10 --warmup 4
-        row fp8-compiled-no-recompute 120 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK \
+        row fp8-compiled-no-recompute 120 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK \
             compile=True +model.base_dtype=fp8 enable_activation_checkpointing=False --steps 10 --warmup 4
-        row fp8-check 100 python3 benchmarks/fp8_check.py $CK --steps 204
-        row hf-peft-liger 80 python3 .bench/hf_peft_lora.py $CK --liger
-        row lora-eager 70 bench lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=False \
+        row lora-eager 55 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=False \
             --steps 8 --warmup 3
+        row hf-peft-liger 45 python3 .bench/hf_peft_lora.py $CK --liger
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
@@ -111,7 +111,7 @@ case $CALL in
     (
         export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
         grep MemAvailable /proc/meminfo
-        row full-single 150 bench full_finetune_single_device llama3_1/8B_full_single_device $CK --accumulation 8 \
+        row full-single 150 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --accumulation 8 \
             --steps 3 --warmup 1
     ) > "$OUT/gpu0.log" 2>&1 &
     (
@@ -119,7 +119,7 @@ case $CALL in
         SEQ=2048 STEPS=6 timeout $(( $(left) - 160 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
         cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
         row hf-peft-bnb 80 env PYTHONPATH=/tmp/uslsite python3 .bench/hf_peft_lora.py $CK --qlora
-        row qlora-eager 70 bench lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=False \
+        row qlora-eager 70 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=False \
             --steps 8 --warmup 3
     ) > "$OUT/gpu1.log" 2>&1 &
     wait

@@ -125,7 +125,7 @@ class Trainee:
         return load_recipe_config(self.config, self.keys, [
             f"checkpointer.checkpoint_dir={self.checkpoint}", "tokenizer.path=${asset:tiny/tokenizer.model}",
             f"batch_size={batch}", f"tokenizer.max_seq_len={seq}", "gradient_accumulation_steps=1",
-            f"device={self.device.type}", *overrides])
+            f"device={self.device.type}", *overrides], check_paths=False)  # no row reads the data set
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
              document_ids: torch.Tensor | None) -> torch.Tensor:

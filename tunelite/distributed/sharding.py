@@ -52,6 +52,15 @@ def init_adapters(model: nn.Module, dtype: torch.dtype) -> None:
             module.reset_parameters()
 
 
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """The dtypes FSDP gathers parameters and reduces gradients in: in bf16, parameters are gathered
+    in bf16 and gradients summed across ranks in fp32 (a sum of many ranks' bf16 gradients loses
+    their low bits); other dtypes as stored. The memory estimate reads the same policy."""
+    if dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def shard_model(
     model: TransformerDecoder, device: torch.device, dtype: torch.dtype, reshard_after_forward: bool,
     cpu_offload: bool = False,
@@ -61,14 +70,12 @@ def shard_model(
     The root stays gathered from `hidden_states` until its backward, since the loss applies the
     output projection after `hidden_states` returns. Gradients are summed across ranks, not
     averaged: each rank's loss is already divided by the labelled tokens of the whole global batch,
-    so the sum is the single-device gradient. In bf16, parameters are gathered in bf16 and
-    gradients reduced in fp32. With `cpu_offload` (FSDP2's CPUOffloadPolicy) the shards and their
-    gradients live in pinned host memory, so the optimizer's state does too and it steps on the
-    CPU; each layer's shards are copied to the GPU to be gathered."""
+    so the sum is the single-device gradient. Parameters are gathered, and gradients reduced, in
+    the dtypes of `mixed_precision`. With `cpu_offload` (FSDP2's CPUOffloadPolicy) the shards
+    and their gradients live in pinned host memory, so the optimizer's state does too and it
+    steps on the CPU; each layer's shards are copied to the GPU to be gathered."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    mp_policy = MixedPrecisionPolicy()
-    if dtype == torch.bfloat16:
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp_policy = mixed_precision(dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,

@@ -12,16 +12,20 @@ import torch
 
 from tunelite.checkpointing.hf import hf_config_from_model_args
 from tunelite.cli.main import main
-from tunelite.config import load_recipe_config
+from tunelite.config import instantiate, load_recipe_config
 from tunelite.recipe_registry import RecipeDeclarations, get_recipe, read_declarations
 from tunelite.errors import ConfigError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
+from tunelite.modules.lora import is_adapter_key
 from tunelite.modules.memory_policy import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
 from tunelite.training.memory_estimate import (
     ACTIVATIONS,
+    ADAPTER,
     GIB,
     GRADIENTS,
+    IN_LAYER,
     LOSS,
+    OPTIMIZER,
     OUTPUT_GRADIENT,
     OVERHEAD,
     WEIGHTS,
@@ -40,6 +44,9 @@ CONFIGS = {
     "lora": (LORA, "llama3_1/8B_lora_single_device"),
     "qlora": (LORA, "llama3_1/8B_qlora_single_device"),
     "full": (FULL, "llama3_1/8B_full_single_device"),
+    # FSDP2 over several processes (--nproc-per-node); gradient sync on every micro-batch
+    "full_fsdp": ("full_finetune_distributed", "llama3_1/8B_full"),
+    "lora_fsdp": ("lora_finetune_distributed", "llama3_1/8B_lora"),
 }
 # Peak allocated GiB on an H100, Llama 3.1 8B random weights, bf16, checkpointing on, no compile
 # (benchmarks/recipe_bench.py, 2026-11-23, this tree): (config, batch, seq) -> measured.
@@ -48,6 +55,9 @@ MEASURED = {
     ("qlora", 2, 2048): 7.34, ("qlora", 1, 8192): 9.21,
     ("full", 2, 2048): 19.03, ("full", 1, 8192): 20.10,
 }
+
+
+LLAMA3_1_8B_VALUES = 8_030_261_248  # parameters of Llama 3.1 8B
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +82,7 @@ def estimate(config_only: Path, kind: str, *overrides: str):
     return estimate_memory(cfg, recipe_memory(declared(recipe)))
 
 
-@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
 def test_breakdown_sums_to_the_total(config_only, kind):
     result = estimate(config_only, kind)
     assert sum(result.components.values()) == result.total
@@ -282,3 +292,97 @@ def test_max_seq_prints_the_longest_sample_that_fits(config_only, capsys, kind, 
     model, budget = model_of(config_only, kind), parse_memory_size(card)
     assert seq % 1024 == 0 and model.fastest_plan(budget, 1, seq) is not None
     assert model.fastest_plan(budget, 1, seq + 1024) is None
+
+
+# --- FSDP2: one GPU's share over N processes -----------------------------------------------------
+
+
+def model_over(config_only: Path, kind: str, world_size: int, *overrides: str) -> MemoryModel:
+    recipe, name = CONFIGS[kind]
+    cfg = load(recipe, name, [f"checkpointer.checkpoint_dir={config_only}", "gradient_accumulation_steps=1", *overrides])
+    return memory_model(cfg, recipe_memory(declared(recipe)), world_size)
+
+
+def sizes(kind: str) -> dict[str, int]:
+    """Bytes in bf16, counted on the meta model: the weights outside the layers (embedding, final
+    norm, output projection), one layer's, the trained ones, one layer's trained ones, and the
+    output projection's if it trains."""
+    recipe, name = CONFIGS[kind]
+    with torch.device("meta"):
+        model = instantiate(load(recipe, name).model)
+    in_layers = {id(t) for t in model.layers.parameters()}
+    layer = dict(model.layers[0].named_parameters())
+    trains = (lambda name: True) if recipe_memory(declared(recipe)).trains_all else is_adapter_key
+    return {
+        "root": 2 * sum(t.numel() for t in model.parameters() if id(t) not in in_layers),
+        "layer": 2 * sum(t.numel() for t in layer.values()),
+        "trained": 2 * sum(t.numel() for n, t in model.named_parameters() if trains(n)),
+        "layer trained": 2 * sum(t.numel() for n, t in layer.items() if trains(n)),
+        "output": 2 * LLAMA3_1_8B.vocab_size * LLAMA3_1_8B.embed_dim if trains("output.weight") else 0,
+    }
+
+
+@pytest.mark.parametrize("kind", ["full_fsdp", "lora_fsdp"])
+def test_two_processes_halve_weights_gradients_and_optimizer_state(config_only, kind):
+    whole, half = (model_over(config_only, kind, n).estimate(uniform(RECOMPUTE)) for n in (1, 2))
+    size = sizes(kind)
+    assert half.peak_during == IN_LAYER
+    assert half.components[OPTIMIZER] == pytest.approx(whole.components[OPTIMIZER] / 2, abs=64)
+    assert half.components[ADAPTER] == pytest.approx(whole.components[ADAPTER] / 2, abs=1)
+    # Beyond its halves: the embedding and output projection gathered for the step, and the layer
+    # in backward and the one prefetched, gathered whole.
+    assert half.components[WEIGHTS] == pytest.approx(whole.components[WEIGHTS] / 2 + size["root"] + 2 * size["layer"],
+                                                     abs=1)
+    # The layer's gradients whole (bf16), the previous layer's reduce-scatter input (fp32) and the
+    # output projection's whole gradient, kept until the root's reduce-scatter at the end of backward.
+    assert half.components[GRADIENTS] == pytest.approx(
+        size["trained"] / 2 + 3 * size["layer trained"] + size["output"], abs=1)
+    assert "per GPU, 2 processes" in half.setup and "per GPU" not in whole.setup
+
+
+def test_activations_are_per_process_as_on_one_device(config_only):
+    one, two, four = (model_over(config_only, "lora_fsdp", n).estimate(uniform(RECOMPUTE)) for n in (1, 2, 4))
+    assert one.peak_during == two.peak_during == four.peak_during == IN_LAYER
+    assert one.components[ACTIVATIONS] == two.components[ACTIVATIONS] == four.components[ACTIVATIONS]
+    full = [model_over(config_only, "full_fsdp", n, "enable_activation_checkpointing=False").estimate(uniform(KEEP))
+            for n in (2, 8)]
+    assert full[0].components[ACTIVATIONS] == full[1].components[ACTIVATIONS]
+
+
+def test_cpu_offload_moves_the_shards_to_host_memory(config_only):
+    on_gpu, offloaded = (model_over(config_only, "full_fsdp", 2, f"fsdp_cpu_offload={flag}").estimate(uniform(RECOMPUTE))
+                         for flag in (False, True))
+    size = sizes("full_fsdp")
+    gathered = size["root"] + 2 * size["layer"]
+    assert offloaded.components[OPTIMIZER] == 0 and offloaded.components[WEIGHTS] == pytest.approx(gathered, abs=1)
+    # what stays on the GPU of the gradients: those being reduced, and the output projection's until then
+    assert offloaded.components[GRADIENTS] == pytest.approx(3 * size["layer trained"] + size["output"], abs=1)
+    shard_of_gradients = on_gpu.components[GRADIENTS] - offloaded.components[GRADIENTS]
+    assert shard_of_gradients == pytest.approx(2 * LLAMA3_1_8B_VALUES / 2, rel=1e-6)
+    assert offloaded.host_state == pytest.approx(on_gpu.components[WEIGHTS] - gathered + shard_of_gradients
+                                                 + on_gpu.components[OPTIMIZER], abs=4)
+    assert on_gpu.host_state == 0 and offloaded.host_bytes == 0  # no activation offloaded
+    assert re.search(r"host memory \(shards\) +\d+\.\d\d GiB +weights, gradients and optimizer state", offloaded.report())
+    assert offloaded.components[ACTIVATIONS] == on_gpu.components[ACTIVATIONS]
+
+
+def test_accumulating_without_gradient_sync_keeps_every_gradient_whole_in_fp32(config_only):
+    synced = model_over(config_only, "full_fsdp", 2).estimate(uniform(RECOMPUTE))
+    accumulated = model_over(config_only, "full_fsdp", 2, "gradient_accumulation_steps=2").estimate(uniform(RECOMPUTE))
+    # set_gradient_sync skips the reduce-scatter until a step's last micro-batch
+    assert accumulated.components[GRADIENTS] - synced.components[GRADIENTS] == pytest.approx(
+        4 * LLAMA3_1_8B_VALUES - 2 * LLAMA3_1_8B_VALUES / 2, rel=1e-6)
+
+
+def test_without_resharding_after_forward_every_layer_stays_gathered(config_only):
+    resharded, kept = (model_over(config_only, "full_fsdp", 2, f"fsdp_reshard_after_forward={flag}")
+                       .estimate(uniform(RECOMPUTE)) for flag in (True, False))
+    extra_layers = LLAMA3_1_8B.num_layers - 2
+    assert kept.components[WEIGHTS] - resharded.components[WEIGHTS] == pytest.approx(
+        extra_layers * sizes("full_fsdp")["layer"], abs=1)
+
+
+def test_more_processes_fit_a_plan_that_keeps_more_layers(config_only):
+    assert model_over(config_only, "full_fsdp", 1).fastest_plan(50 * GIB) is None
+    kept = [model_over(config_only, "full_fsdp", n).fastest_plan(50 * GIB)[0].layers.count(KEEP) for n in (2, 4, 8)]
+    assert kept[0] < kept[1] < kept[2] == LLAMA3_1_8B.num_layers

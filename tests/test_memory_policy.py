@@ -203,6 +203,16 @@ def test_a_budget_picks_what_the_estimate_says(capsys):
     assert "memory policy: keep every layer" in capsys.readouterr().out
 
 
+def test_a_budget_over_sharded_processes_is_each_gpus_and_picks_by_its_share(capsys):
+    cfg, cpu = tiny_cfg("batch_size=2"), torch.device("cpu")
+    sharded = memory_model(cfg, memory_facts(LORA, MEMORY), world_size=2)
+    # Each GPU of two also holds the layers FSDP2 gathers: keeping both layers misses this budget by a byte.
+    budget = (sharded.estimate(MemoryPlan((KEEP, KEEP))).total - 1) / GIB
+    plan = plan_memory(cfg, MEMORY, 2, cpu, False, False, budget, world_size=2)
+    assert plan == sharded.fastest_plan(budget_bytes(budget, cpu))[0] and plan.layers != (KEEP, KEEP)
+    assert plan_memory(cfg, MEMORY, 2, cpu, False, False, budget).layers == (KEEP, KEEP)  # on one device it fits
+
+
 def test_a_budget_nothing_fits_runs_the_leanest_plan_and_says_what_to_change(capsys):
     plan = plan_memory(tiny_cfg(), MEMORY, 2, torch.device("cpu"), True, False, 0.01)
     assert plan.layers == (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD)

@@ -14,7 +14,13 @@ persistent part (weights, adapter, optimizer state, resident gradients) plus:
 - the loss's backward: the saved inputs plus one chunk's fp32 log-softmax, its gradient and the
   logits' gradient (LinearCrossEntropyLoss);
 - when the output projection trains (full fine-tuning), the moment its gradient is summed over
-  the loss chunks.
+  the loss chunks;
+- sharded over N processes with FSDP2, when the weights outside the layers train: the end of
+  the backward, when their gradients are reduce-scattered.
+
+Over N processes (tunelite.distributed.sharding) the figure is one GPU's: each holds 1/N of
+every weight, gradient and optimizer state, plus what FSDP2 gathers whole for a while (see
+`memory_model`); activations are per process, as batch_size is.
 
 On an H100 (Llama 3.1 8B, bf16, checkpointing on; LoRA, QLoRA and full with an offloaded
 optimizer, each at batch 2 x 2048 and 1 x 8192) the prediction was within 1% of
@@ -37,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelite.checkpointing.hf import check_model_matches
 from tunelite.checkpointing.loading import nf4_weight_names
 from tunelite.config import apply_overrides, instantiate, resolve_component
+from tunelite.distributed.sharding import mixed_precision
 from tunelite.errors import ConfigError
 from tunelite.models.decoder import ModelArgs
 from tunelite.modules.lora import LoRALinear, is_adapter_key
@@ -67,6 +74,7 @@ ACTIVATIONS, LOSS, WORKSPACE, OVERHEAD = "activations", "logits/loss", "workspac
 # The moments a step's memory can peak at.
 IN_LAYER, IN_LOSS, OUTPUT_GRADIENT = ("backward through a layer", "the loss's backward",
                                       "summing the output projection's gradient")
+REDUCING_ROOT = "reduce-scattering the embedding's and output projection's gradients"
 
 # cuBLAS's workspace on Hopper (CUBLAS_WORKSPACE_CONFIG=:4096:8), allocated through PyTorch's allocator.
 CUBLAS_WORKSPACE = 32 * 2**20
@@ -104,6 +112,10 @@ class MemoryEstimate:
     other_moments: dict[str, int] = field(default_factory=dict)  # allocated at the other candidate peaks
     notes: list[str] = field(default_factory=list)
     host_bytes: int = 0  # pinned host memory of offloaded activations
+    # fsdp_cpu_offload: this process's shards of the weights, their gradients and the optimizer
+    # state, in host memory (apart from host_bytes, which a run checks against the free memory
+    # before it starts, when the shards are already loaded)
+    host_state: int = 0
 
     @property
     def total(self) -> int:
@@ -124,6 +136,9 @@ class MemoryEstimate:
         lines.append(f"  {'= needed on the card':<24}{gib(self.total):>9}")
         if self.host_bytes:
             lines.append(f"  {'host memory (pinned)':<24}{gib(self.host_bytes):>9}   offloaded activations")
+        if self.host_state:
+            lines.append(f"  {'host memory (shards)':<24}{gib(self.host_state):>9}   weights, gradients and optimizer "
+                         "state (fsdp_cpu_offload), per process")
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
@@ -303,6 +318,36 @@ def switches_plan(num_layers: int, checkpointing: bool, offloading: bool) -> Mem
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """What FSDP2 (tunelite.distributed.sharding.shard_model) holds on each of `world_size` GPUs
+    beyond its 1/N shards: each transformer layer is a unit gathered whole while it runs, in
+    forward and again in backward (the next one prefetched meanwhile), and freed after; the root
+    unit, the weights outside the layers (embedding, final norm, output projection), is gathered
+    from the forward to the end of the backward, since the loss applies the output projection
+    after the forward returns. A unit's gradients are reduce-scattered after its backward, through
+    an input buffer in the reduce dtype that lives until the next unit's; the root's, at the end."""
+
+    world_size: int
+    root_weights: float  # bytes of the weights outside the layers, whole
+    layer_weights: float  # bytes of one layer's weights, whole (NF4 as stored: FSDP gathers its codes)
+    reshard_after_forward: bool  # False: every layer stays gathered from its forward to its backward
+    root_reduce: float  # the root's trained weights' unsharded gradients and their reduce-scatter input
+    host_state: int  # fsdp_cpu_offload: the shards of weights, gradients and optimizer state in host memory
+
+    def gathered(self, moment: str, num_layers: int) -> tuple[float, str]:
+        """Bytes of the weights gathered whole at `moment`, and which they are."""
+        if moment == REDUCING_ROOT:  # every unit has been resharded after its backward
+            return 0, ""
+        if not self.reshard_after_forward:
+            layers = num_layers
+        else:  # the layer in backward and the one prefetched
+            layers = min(2, num_layers) if moment == IN_LAYER else 0
+        return (self.root_weights + layers * self.layer_weights,
+                f"the embedding, final norm, output projection and {layers} layers" if layers
+                else "the embedding, final norm and output projection")
+
+
+@dataclass(frozen=True)
 class MemoryModel:
     """A config's memory facts that no memory policy changes, from which `estimate` predicts the
     peak under any plan and batch shape: the model is built on the meta device once, and a
@@ -326,6 +371,11 @@ class MemoryModel:
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
+    sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
+
+    @property
+    def world_size(self) -> int:
+        return self.sharding.world_size if self.sharding else 1
 
     def estimate(self, plan: MemoryPlan, batch: int | None = None, seq: int | None = None) -> MemoryEstimate:
         """The peak under `plan` at batch x seq (by default the config's), by component."""
@@ -365,34 +415,51 @@ class MemoryModel:
         # Gemma 2's capped logits add the tanh's output and its gradient, in the weights' dtype.
         loss_chunk = (12 + (2 * p if args.final_softcap else 0)) * chunk_tokens * args.vocab_size
 
-        # (gradients, activations, logits/loss) at each moment that can be the peak
-        counted = 1 if self.optimizer.keeps_all_gradients else 0  # resident gradients include the output's
+        # (gathered weights, gradients, activations, logits/loss) at each moment that can be the peak
+        sharding = self.sharding
+
+        def gathered(moment: str) -> float:
+            return sharding.gathered(moment, args.num_layers)[0] if sharding else 0
+
+        # One device's resident gradients include the output projection's; FSDP2's are shards, and
+        # it holds the output projection's whole gradient until the root's reduce-scatter, which
+        # comes at the end of the backward.
+        counted = 1 if self.optimizer.keeps_all_gradients and not sharding else 0
+        held = self.output_grad if sharding else 0
         moments = {
-            IN_LAYER: (self.resident_grads + self.layer_grads, in_layer, 0),
-            IN_LOSS: (self.resident_grads + self.output_grad * (1 - counted), at_loss, loss_chunk),
+            IN_LAYER: (gathered(IN_LAYER), self.resident_grads + self.layer_grads + held, in_layer, 0),
+            IN_LOSS: (gathered(IN_LOSS), self.resident_grads + self.output_grad * (1 - counted), at_loss, loss_chunk),
         }
         if self.output_grad:
-            moments[OUTPUT_GRADIENT] = (self.resident_grads + self.output_grad * (3 - counted), at_loss, 0)
-        peak_during, (grads, activations, loss) = max(moments.items(), key=lambda moment: sum(moment[1]))
-        components = {WEIGHTS: self.persistent[WEIGHTS], ADAPTER: self.persistent[ADAPTER], GRADIENTS: grads,
-                      OPTIMIZER: self.persistent[OPTIMIZER], ACTIVATIONS: activations, LOSS: loss,
+            moments[OUTPUT_GRADIENT] = (gathered(IN_LOSS), self.resident_grads + self.output_grad * (3 - counted),
+                                        at_loss, 0)
+        if sharding and sharding.root_reduce:
+            moments[REDUCING_ROOT] = (0, self.resident_grads + sharding.root_reduce, 0, 0)
+        peak_during, (weights, grads, activations, loss) = max(moments.items(), key=lambda moment: sum(moment[1]))
+        components = {WEIGHTS: self.persistent[WEIGHTS] + weights, ADAPTER: self.persistent[ADAPTER],
+                      GRADIENTS: grads, OPTIMIZER: self.persistent[OPTIMIZER], ACTIVATIONS: activations, LOSS: loss,
                       WORKSPACE: CUBLAS_WORKSPACE}
-        components[OVERHEAD] = CUDA_CONTEXT + ALLOCATOR_RESERVE * (grads + activations + loss)
+        # FSDP2's gathered weights come and go with each layer, as activations do.
+        components[OVERHEAD] = CUDA_CONTEXT + ALLOCATOR_RESERVE * (weights + grads + activations + loss)
 
         in_layer_peak = peak_during == IN_LAYER
         policy = plan.describe(tokens)
         details = {
             **self.details,
-            GRADIENTS: self.details[GRADIENTS] + ("; the output projection's, summed over loss chunks"
-                                                  if self.output_grad and not in_layer_peak else ""),
-            ACTIVATIONS: f"{policy}" + (" + the layer in backward" if in_layer_peak else " + the final hidden states"),
+            WEIGHTS: self.details[WEIGHTS] + (f" + {sharding.gathered(peak_during, args.num_layers)[1]} gathered"
+                                              if weights else ""),
+            GRADIENTS: self.details[GRADIENTS] + _gradients_at(peak_during, sharding is not None,
+                                                               bool(self.output_grad)),
+            ACTIVATIONS: (f"{policy}" + (" + the layer in backward" if in_layer_peak else " + the final hidden states")
+                          if activations else ""),
             LOSS: f"one loss chunk: {chunk_tokens} tokens x {args.vocab_size} vocabulary in fp32" if loss else "",
         }
-        setup = f"{recipe.recipe}, batch {batch} x {seq} tokens, {self.dtype}, {policy}"
+        per_gpu = f"per GPU, {self.world_size} processes, " if sharding else ""
+        setup = f"{recipe.recipe}, {per_gpu}batch {batch} x {seq} tokens, {self.dtype}, {policy}"
         persistent = sum(self.persistent.values()) + CUBLAS_WORKSPACE
         others = {when: int(persistent + sum(parts)) for when, parts in moments.items() if when != peak_during}
         return MemoryEstimate({k: int(v) for k, v in components.items()}, details, peak_during, setup, others,
-                              list(self.notes), host)
+                              list(self.notes), host, sharding.host_state if sharding else 0)
 
     def _host_bytes(self, policy: str, tokens: int, chunked: bool) -> int:
         """Pinned host memory of one offloaded layer: its input, or every tensor it saves that is
@@ -445,9 +512,13 @@ class MemoryModel:
         return seq, plan, result
 
 
-def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
-    """The facts `MemoryModel` predicts from, for `recipe` on `cfg`: reads the checkpoint's
-    config.json, nothing else on disk, and builds the model on the meta device.
+def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> MemoryModel:
+    """The facts `MemoryModel` predicts from, for `recipe` on `cfg` on each of `world_size` GPUs:
+    reads the checkpoint's config.json, nothing else on disk, and builds the model on the meta
+    device. `world_size` 1 is one device holding everything (the single-device recipes; a
+    distributed recipe on one process is estimated so too, without FSDP2's gathered copies);
+    more is FSDP2 as tunelite.distributed.sharding applies it, the same arithmetic with the
+    sharded terms below, so that a plan picked for a budget fits each GPU's share.
 
     Formulas, with T = batch x seq tokens, L layers, d embed_dim, I intermediate_dim, V vocab,
     p bytes per value of `dtype`, C = loss chunks (`loss_chunks`):
@@ -468,9 +539,25 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
       logits/loss  12 bytes x (T / C) x V: one chunk's fp32 log-softmax, its gradient and the
                    logits' gradient (+ 2 p for Gemma 2's capped logits)
       workspace    cuBLAS's, 32 MiB
-      context      0.5 GiB CUDA context + 20% allocator reserve: counted to fit a card only.
+      context      0.5 GiB CUDA context + 40% allocator reserve: counted to fit a card only.
       host         pinned copies of the offloaded tensors, each rounded up to a power of two.
-    A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward."""
+    A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward.
+    Over N = world_size > 1 processes (FSDP2, `Sharding`), per GPU, with r bytes per value of the
+    reduce dtype (`mixed_precision`: fp32 when training in bf16), R the root's weights (outside
+    the layers: embedding, final norm, output projection) and l one layer's:
+      weights      1/N of each, as stored; plus gathered whole R + 2 l in backward through a layer
+                   (it and the one prefetched), R at the loss; every layer instead of 2 (and at
+                   the loss) with fsdp_reshard_after_forward: False
+      gradients    1/N of each trained value (p); in backward through a layer also its trained
+                   values whole (p) and the reduce-scatter input of the layer after it (r), and
+                   the output projection's whole, held until the root's reduce-scatter at the end
+                   of backward, a moment of its own: the root's trained values x (p + r). With
+                   gradient_accumulation_steps > 1, every trained value whole in r instead of 1/N
+                   (no reduce-scatter until a step's last micro-batch)
+      optimizer    the state of 1/N of each trained tensor
+      activations  as on one device: batch_size is per process
+      host         with fsdp_cpu_offload, the shards of weights, gradients (p) and optimizer state
+                   are in host memory, not on the GPU (`MemoryEstimate.host_state`, per process)"""
     with torch.device("meta"):
         model = instantiate(cfg.model)
     # Without the checkpoint (yet), the builder's own sizes: an estimate helps decide what to download.
@@ -494,11 +581,12 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
     quantized = nf4_weight_names(model)
     trained = {n for n in params if recipe.trains_all or is_adapter_key(n)}
     adapters = {n for n in params if is_adapter_key(n)}
-    weights = sum(nf4_bytes(params[n].numel(), p) if n in quantized else params[n].numel() * p
-                  for n in params if n not in adapters)
-    adapter = sum(params[n].numel() * p for n in adapters)
+    stored = {n: nf4_bytes(t.numel(), p) if n in quantized else t.numel() * p for n, t in params.items()}
+    weights = sum(stored[n] for n in params if n not in adapters)
+    adapter = sum(stored[n] for n in adapters)
     trained_bytes = sum(params[n].numel() * p for n in trained)
-    state = sum(optimizer.state_bytes(params[n].numel(), p) for n in trained)
+    # Sharded, each process keeps the state of its 1/N of each tensor.
+    state = sum(optimizer.state_bytes(math.ceil(params[n].numel() / world_size), p) for n in trained)
 
     layer = model.layers[0]
     layer_params = {n: t for n, t in layer.named_parameters()}
@@ -519,30 +607,70 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory) -> MemoryModel:
         OPTIMIZER: (f"{optimizer.name} in host memory ({str(cfg.optimizer._component_).rsplit('.', 1)[-1]})"
                     if optimizer.offloaded
                     else f"{optimizer.name}, for {sum(params[n].numel() for n in trained) / 1e6:.1f}M trained values"),
-        OVERHEAD: (f"{gib(CUDA_CONTEXT)} context + allocator reserve ({ALLOCATOR_RESERVE:.0%} of gradients, "
-                   "activations and logits); not in peak allocated"),
+        OVERHEAD: (f"{gib(CUDA_CONTEXT)} context + allocator reserve ({ALLOCATOR_RESERVE:.0%} of "
+                   f"{'gathered weights, ' if world_size > 1 else ''}gradients, activations and logits); not in peak "
+                   "allocated"),
     }
     if str(cfg.optimizer._component_) == OVERLAPPED_OPTIMIZER:
         accumulation = ACCUMULATION_DTYPES.get(str(cfg.optimizer.get("accumulation_dtype", "fp32")), torch.float32)
         host = host_memory([params[n].numel() for n in trained], dtype, accumulation)
         notes += (f"host memory for the optimizer: {gib(sum(host.values()))} ("
                   + ", ".join(f"{name} {gib(size)}" for name, size in host.items()) + ")",)
+    persistent, sharding = {WEIGHTS: weights, ADAPTER: adapter, OPTIMIZER: state}, None
+    if world_size > 1:  # FSDP2, as `Sharding` says
+        offload, accumulates = bool(cfg.get("fsdp_cpu_offload", False)), cfg.get("gradient_accumulation_steps", 1) > 1
+        reduce_bytes = (mixed_precision(dtype).reduce_dtype or dtype).itemsize
+        in_layers = {id(t) for t in model.layers.parameters()}
+        root = [n for n, t in params.items() if id(t) not in in_layers]
+        shards = {WEIGHTS: weights / world_size, ADAPTER: adapter / world_size, OPTIMIZER: state}
+        sharding = Sharding(
+            world_size, sum(stored[n] for n in root), sum(stored[f"layers.0.{n}"] for n in layer_params),
+            bool(cfg.get("fsdp_reshard_after_forward", True)),
+            root_reduce=sum(params[n].numel() for n in root if n in trained) * (p + reduce_bytes),
+            host_state=int(sum(shards.values()) + trained_bytes / world_size) if offload else 0)
+        persistent = dict.fromkeys(shards, 0.0) if offload else shards
+        if accumulates:
+            # Gradient sync only on a step's last micro-batch (set_gradient_sync): until its
+            # reduce-scatter, each gradient is kept whole, accumulated in the reduce dtype.
+            resident_grads = trained_bytes / p * reduce_bytes
+        else:
+            resident_grads = 0.0 if offload else trained_bytes / world_size
+        # A layer's gradients whole, and the reduce-scatter input (reduce dtype) of the layer after it.
+        layer_grads = sum(layer_trained) / p * (p + reduce_bytes)
+        details.update(_sharded_details(details, world_size, offload, accumulates, optimizer.name,
+                                        sum(params[n].numel() for n in trained)))
+        notes += ("NCCL's own buffers, outside PyTorch's allocator, are not counted",)
     return MemoryModel(
         recipe, args, cfg.dtype, p, cfg.batch_size, seq,
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
-        {WEIGHTS: weights, ADAPTER: adapter, OPTIMIZER: state}, resident_grads, layer_grads,
+        persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         attention_scores_bytes(args, p),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0), details,
-        notes,
+        notes, sharding,
     )
 
 
-def estimate_memory(cfg: DictConfig, recipe: RecipeMemory, plan: MemoryPlan | None = None) -> MemoryEstimate:
+def _sharded_details(details: dict[str, str], world_size: int, offload: bool, accumulates: bool, optimizer: str,
+                     trained_values: int) -> dict[str, str]:
+    """The details of the components FSDP2 shards, for one process."""
+    where = "shards in host memory (fsdp_cpu_offload)" if offload else f"1/{world_size} each"
+    return {
+        WEIGHTS: f"{details[WEIGHTS]}, {where}",
+        ADAPTER: details[ADAPTER] and f"{details[ADAPTER]}, {where}",
+        GRADIENTS: ("every trained value whole, accumulated in the reduce dtype until a step's last micro-batch"
+                    if accumulates else f"every trained value, {where}"),
+        OPTIMIZER: f"{optimizer}, for {trained_values / 1e6:.1f}M trained values, {where}",
+    }
+
+
+def estimate_memory(cfg: DictConfig, recipe: RecipeMemory, plan: MemoryPlan | None = None,
+                    world_size: int = 1) -> MemoryEstimate:
     """The peak GPU memory of `recipe` on `cfg` (batch_size x tokenizer.max_seq_len, the longest a
     batch can be, times the sequences a sample holds), by component, under `plan` (by default the
-    plan of the config's enable_activation_checkpointing and enable_activation_offloading)."""
-    model = memory_model(cfg, recipe)
+    plan of the config's enable_activation_checkpointing and enable_activation_offloading); one
+    GPU's when sharded over `world_size` processes."""
+    model = memory_model(cfg, recipe, world_size)
     return model.estimate(plan or config_switches_plan(cfg, model.args.num_layers))
 
 
@@ -558,6 +686,16 @@ def _weights_detail(params: dict[str, torch.Tensor], adapters: set[str], quantiz
     in_nf4 = sum(params[n].numel() for n in quantized)
     split = f"{in_nf4 / 1e9:.2f}B in NF4, {(base - in_nf4) / 1e9:.2f}B in {dtype}" if in_nf4 else f"in {dtype}"
     return f"{base / 1e9:.2f}B {'frozen ' if frozen else ''}parameters, {split}"
+
+
+def _gradients_at(moment: str, sharded: bool, output_trains: bool) -> str:
+    """What the gradients at `moment` hold beyond the resident ones."""
+    if moment == REDUCING_ROOT:
+        return "; the embedding's and output projection's unsharded, and their reduce-scatter input"
+    if moment == IN_LAYER:
+        return ("; a layer's unsharded, and the reduce-scatter input of the one after it"
+                + ("; the output projection's unsharded" if output_trains else "")) if sharded else ""
+    return "; the output projection's, summed over loss chunks" if output_trains else ""
 
 
 def _gradient_detail(optimizer: _Optimizer) -> str:
@@ -595,10 +733,11 @@ def _set(cfg: DictConfig, key: str, value: Any) -> str:
     return f"{key}={text}" if OmegaConf.select(cfg, key, default="__absent__") != "__absent__" else f"+{key}={text}"
 
 
-def _ladders(cfg: DictConfig, recipe: RecipeMemory) -> list[list[list[str]]]:
+def _ladders(cfg: DictConfig, recipe: RecipeMemory, world_size: int) -> list[list[list[str]]]:
     """Ways to save memory, each a list of ever stronger override sets, least disruptive first:
     smaller micro-batches (same effective batch through accumulation where the optimizer allows
-    it), then a lighter method (QLoRA, CPU-offloaded or in-backward optimizer), then shorter sequences."""
+    it), then a lighter method (QLoRA; for a full fine-tune a CPU-offloaded or in-backward
+    optimizer on one device, fsdp_cpu_offload when sharded), then shorter sequences."""
     optimizer = _optimizer_facts(cfg, recipe)
     batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
     can_accumulate = optimizer.can_accumulate
@@ -617,12 +756,15 @@ def _ladders(cfg: DictConfig, recipe: RecipeMemory) -> list[list[list[str]]]:
             lighter.append([[_set(cfg, "model._component_", twin)]])
         except ConfigError:
             pass
-    if recipe.trains_all and not optimizer.offloaded:
+    if world_size > 1:
+        if recipe.trains_all and not cfg.get("fsdp_cpu_offload", False):
+            lighter.append([[_set(cfg, "fsdp_cpu_offload", True)]])
+    elif recipe.trains_all and not optimizer.offloaded:
         lighter.append([[_set(cfg, "optimizer._component_", OFFLOAD_OPTIMIZER),
                          _set(cfg, "optimizer.optimizer", cfg.optimizer._component_),
                          _set(cfg, "optimizer.offload_gradients", True), _set(cfg, "optimizer_in_bwd", False),
                          _set(cfg, "gradient_accumulation_steps", 1), _set(cfg, "clip_grad_norm", None)]])
-    if recipe.trains_all and not optimizer.offloaded and not optimizer.in_backward:
+    if world_size == 1 and recipe.trains_all and not optimizer.offloaded and not optimizer.in_backward:
         lighter.append([[_set(cfg, "optimizer_in_bwd", True), _set(cfg, "gradient_accumulation_steps", 1),
                          _set(cfg, "clip_grad_norm", None)]])
     seq = cfg.tokenizer.max_seq_len
@@ -630,19 +772,21 @@ def _ladders(cfg: DictConfig, recipe: RecipeMemory) -> list[list[list[str]]]:
     return [ladder for ladder in (smaller_batches, *lighter, shorter) if ladder]
 
 
-def fitting_overrides(cfg: DictConfig, recipe: RecipeMemory, budget: int) -> list[tuple[list[str], MemoryEstimate]]:
-    """Override sets with which the run fits `budget` bytes, each verified by estimating the
-    config with it applied: activation checkpointing first if it is off, then the weakest step
-    of each way to save memory that suffices alone; if none does, the ways combined in order."""
+def fitting_overrides(cfg: DictConfig, recipe: RecipeMemory, budget: int,
+                      world_size: int = 1) -> list[tuple[list[str], MemoryEstimate]]:
+    """Override sets with which the run fits `budget` bytes (on each GPU of `world_size`), each
+    verified by estimating the config with it applied: activation checkpointing first if it is
+    off, then the weakest step of each way to save memory that suffices alone; if none does, the
+    ways combined in order."""
     base = [] if cfg.enable_activation_checkpointing else [_set(cfg, "enable_activation_checkpointing", True)]
 
     def estimate(overrides: list[str]) -> MemoryEstimate:
-        return estimate_memory(with_overrides(cfg, overrides), recipe)
+        return estimate_memory(with_overrides(cfg, overrides), recipe, world_size=world_size)
 
     if base and estimate(base).total <= budget:
         return [(base, estimate(base))]
     options = []
-    for ladder in _ladders(cfg, recipe):
+    for ladder in _ladders(cfg, recipe, world_size):
         for rung in ladder:
             result = estimate(base + rung)
             if result.total <= budget:
@@ -651,7 +795,7 @@ def fitting_overrides(cfg: DictConfig, recipe: RecipeMemory, budget: int) -> lis
     if options:
         return options
     combined = list(base)
-    for ladder in _ladders(cfg, recipe):
+    for ladder in _ladders(cfg, recipe, world_size):
         for rung in ladder:
             result = estimate(merge_overrides(combined, rung))
             if result.total <= budget:

@@ -69,18 +69,21 @@ def check_host_memory(needed: int, available: int | None) -> None:
 
 
 def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.device, checkpointing: bool,
-                offloading: bool, budget: float | str | None, meminfo: Path = MEMINFO) -> MemoryPlan:
+                offloading: bool, budget: float | str | None, meminfo: Path = MEMINFO,
+                world_size: int = 1) -> MemoryPlan:
     """The plan for `set_memory_policy`: the switches', or with `budget` (memory_budget_gib) the
     fastest the estimate fits in it (the leanest, with a warning, when none does). `memory`: the
-    recipe's MEMORY declaration. Prints the plan and, when it offloads, the pinned host memory it
-    takes; raises ResourceError when the host lacks that memory."""
+    recipe's MEMORY declaration. `world_size`: the processes a distributed recipe shards the model
+    over with FSDP2, so that the budget is each GPU's and the estimate each GPU's share. Prints the
+    plan and, when it offloads, the pinned host memory it takes; raises ResourceError when the
+    host lacks that memory."""
     plan = switches_plan(num_layers, checkpointing, offloading)
     card = budget_bytes(budget, device) if budget is not None else None
     if budget is not None and card is None:
         print(f"memory_budget_gib: auto has no GPU to size on {device.type}; using the switches' plan")
     if card is None and not any(offloads(policy) for policy in plan.layers):
         return plan
-    model = memory_model(cfg, memory_facts("this recipe", memory))
+    model = memory_model(cfg, memory_facts("this recipe", memory), world_size)
     if card is not None:
         found = model.fastest_plan(card)
         if found is None:

@@ -386,3 +386,40 @@ def test_more_processes_fit_a_plan_that_keeps_more_layers(config_only):
     assert model_over(config_only, "full_fsdp", 1).fastest_plan(50 * GIB) is None
     kept = [model_over(config_only, "full_fsdp", n).fastest_plan(50 * GIB)[0].layers.count(KEEP) for n in (2, 4, 8)]
     assert kept[0] < kept[1] < kept[2] == LLAMA3_1_8B.num_layers
+
+
+def test_nproc_per_node_prints_one_gpus_share(config_only, capsys):
+    given = ["--config", "llama3_1/8B_full", f"checkpointer.checkpoint_dir={config_only}", "--gpu-memory", "80GB"]
+    assert main(["estimate", "full_finetune_distributed", *given, "--nproc-per-node", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(full_finetune_distributed, per GPU, 2 processes, batch 2 x 2048 tokens" in out
+    expected = model_over(config_only, "full_fsdp", 2).estimate(uniform(RECOMPUTE))
+    assert re.search(rf"= needed on the card +{gib(expected.total)}", out)
+    assert main(["estimate", "full_finetune_distributed", *given, "--nproc_per_node", "2"]) == 0  # torchrun's spelling
+    assert capsys.readouterr().out == out
+    assert main(["estimate", "full_finetune_distributed", *given]) == 0
+    assert "per GPU" not in capsys.readouterr().out  # one device holds everything
+    with pytest.raises(SystemExit):
+        main(["estimate", "full_finetune_distributed", *given, "--nproc-per-node", "0"])
+    assert "'0' is not a number of processes" in capsys.readouterr().err
+
+
+def test_estimate_help_says_the_figures_are_per_gpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    assert re.search(r"--nproc-per-node N.*every figure is\s+then per GPU", capsys.readouterr().out, re.S)
+
+
+def test_sharded_advice_offloads_with_fsdp_and_launches_as_many_processes(config_only, capsys):
+    recipe, name = CONFIGS["full_fsdp"]
+    given = [f"checkpointer.checkpoint_dir={config_only}", "--gpu-memory", "24GB", "--nproc-per-node", "2"]
+    assert main(["estimate", recipe, "--config", name, *given]) == 1
+    commands = [line.split("#")[0] for line in capsys.readouterr().out.splitlines()
+                if line.strip().startswith("tunelite run")]
+    assert any("fsdp_cpu_offload=True" in command for command in commands)
+    for command in commands:
+        assert command.strip().startswith(f"tunelite run {recipe} --nproc_per_node 2 --config")
+        assert "optimizer_in_bwd" not in command  # single-device options the distributed recipe lacks
+        overrides = [w for w in shlex.split(command) if "=" in w or w.startswith("~")]
+        cfg = with_overrides(load(recipe, name), overrides)
+        assert estimate_memory(cfg, recipe_memory(declared(recipe)), world_size=2).total <= 24 * GIB

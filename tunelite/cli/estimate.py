@@ -6,6 +6,7 @@ context, pinned host memory) under the run's memory policy, what each policy wou
 (keep, recompute, offload, recompute+offload) and which one `memory_budget_gib` would pick for
 the card, and whether the run fits; when it does not, overrides that would make it fit. With
 --max-seq, the longest sample (batch 1) that fits the card. Exit code 1 when it does not fit.
+With --nproc-per-node N (a distributed recipe, sharded with FSDP2), every figure is one GPU's.
 """
 
 from __future__ import annotations
@@ -32,11 +33,27 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument("--config", required=True, help="built-in config name (see `tunelite ls`) or a YAML path")
     parser.add_argument("--gpu-memory", help="the card's memory, e.g. 24GB (default: this machine's GPU, if any)")
     parser.add_argument("--seq-len", type=int, help="longest sample in tokens (default: tokenizer.max_seq_len)")
+    parser.add_argument("--nproc-per-node", "--nproc_per_node", type=process_count, default=1, dest="nproc_per_node",
+                        metavar="N",
+                        help="processes a distributed recipe shards the model over with FSDP2 (on several machines, "
+                             "N x the machines): every figure is then per GPU (default: 1, one device holds "
+                             "everything)")
     add_trust_option(parser)
     parser.add_argument("--max-seq", action="store_true",
                         help="also print the longest sample (batch 1) that fits the card, with the policy that fits it")
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
     parser.set_defaults(handler=estimate)
+
+
+def process_count(text: str) -> int:
+    """--nproc-per-node: a whole number of processes, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes; give 1 or more, e.g. 8")
+    return value
 
 
 def estimate(args: argparse.Namespace) -> int:
@@ -57,7 +74,7 @@ def estimate(args: argparse.Namespace) -> int:
     recipe = recipe_memory(declarations)
     # The files need not exist yet: an estimate is for deciding what to download.
     cfg = load_recipe_config(args.config, declarations.keys, overrides, trust=args.trust, check_paths=False)
-    model = memory_model(cfg, recipe)
+    model = memory_model(cfg, recipe, args.nproc_per_node)
     if args.gpu_memory:
         card = parse_memory_size(args.gpu_memory)
     elif torch.cuda.is_available():
@@ -77,13 +94,15 @@ def estimate(args: argparse.Namespace) -> int:
         print(f"Fits in {gib(card)}, with {gib(card - result.total)} to spare.")
         return 0
     print(f"Does not fit in {gib(card)}: {gib(result.total - card)} short.")
-    options = fitting_overrides(cfg, recipe, card)
+    options = fitting_overrides(cfg, recipe, card, args.nproc_per_node)
     if not options:
         print("No override tunelite knows makes it fit; use a smaller model or a larger card.")
         return 1
     print("Any of these would fit:")
     for extra, fitted in options:
-        command = " ".join(["tunelite run", args.recipe, "--config", args.config, *merge_overrides(overrides, extra)])
+        processes = ["--nproc_per_node", str(args.nproc_per_node)] if args.nproc_per_node > 1 else []
+        command = " ".join(["tunelite run", args.recipe, *processes, "--config", args.config,
+                            *merge_overrides(overrides, extra)])
         print(f"  {command}   # {gib(fitted.total)}")
     return 1
 

@@ -6,6 +6,7 @@
 #                                     # check | ours compiled, FP8, ours eager, HF+peft+Liger
 #   bash benchmarks/gpu_tables.sh 2   # long samples under a 22 GiB cap: ours QLoRA | Unsloth, ours LoRA
 #   bash benchmarks/gpu_tables.sh 3   # 1 vs 2 GPUs (distributed LoRA, full); then one-GPU full | torchtune's, HF+peft+bnb, ours eager
+#   bash benchmarks/gpu_tables.sh 4   # after them: budget rows under the estimate's new reserve | LoRA scaling, more steps
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -121,6 +122,28 @@ case $CALL in
         row hf-peft-bnb 80 env PYTHONPATH=/tmp/uslsite python3 .bench/hf_peft_lora.py $CK --qlora
         row qlora-eager 70 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=False \
             --steps 8 --warmup 3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+4)
+    # After the three: the estimate's smaller allocator reserve under a budget, and the LoRA scaling
+    # over more steps, with and without re-gathering the frozen base in backward.
+    ckpt
+    for variant in "1 --accumulation 2" "2" "2 fsdp_reshard_after_forward=False"; do
+        set -- $variant
+        gpus=$1; shift
+        row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
+            benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 --warmup 3 "$@"
+    done > "$OUT/distributed.log" 2>&1
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        row qlora-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-budget --steps 4 \
+            --warmup 2 --time-limit $(( $(left) - 5 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        row lora-budget 100 python3 benchmarks/long_context_bench.py $CK --rows lora-budget --steps 4 --warmup 2 \
+            --time-limit $(( $(left) - 5 ))
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

@@ -123,7 +123,8 @@ def train(cfg: DictConfig, run: RunFolder, device: torch.device, rank: int, worl
                             dtype)
     # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
     plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
-                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
+                       cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"),
+                       world_size=world_size)
     set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
     if cfg.compile:
         compile_layers(model)

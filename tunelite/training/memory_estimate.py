@@ -81,10 +81,12 @@ CUBLAS_WORKSPACE = 32 * 2**20
 # On the card but not in max_memory_allocated: the CUDA context with its kernels (about 0.5 GiB
 # with lazy loading), and what the caching allocator reserves beyond what is allocated. The
 # reserve tracks what a step allocates and frees (gradients, activations, logits), not the
-# weights, which are allocated once: it was 37-47% of that part in the five H200 runs of
-# ../shared/bench/ANCHORS.md (LoRA and QLoRA at 2 x 2048, QLoRA at 16k, 32k and 64k tokens).
+# weights, which are allocated once. With the default allocator it was 37-47% of that part (the
+# five H200 runs of ../shared/bench/ANCHORS.md); with expandable segments, which recipes turn on
+# (tunelite.runtime.device.get_device), 1-13% in the nine capped runs of docs/benchmarks.md
+# (batch 2 x 2048 under a budget, QLoRA 16k-128k, LoRA 32k-48k).
 CUDA_CONTEXT = GIB // 2
-ALLOCATOR_RESERVE = 0.40
+ALLOCATOR_RESERVE = 0.15
 # torchao's NF4: 4-bit codes, an int8 scale per 64 values, and per 256 scales one scale in the
 # weight's dtype (double quantization).
 NF4_SCALER_BLOCK = 256
@@ -369,6 +371,10 @@ class MemoryModel:
     mlp_saved: tuple[float, ...]
     attention_scores: float  # attention_scores_bytes: per token and key position
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
+    # Compiled, a kept QLoRA layer saves its dequantized weights for backward: AOT autograd merges
+    # the backward's dequantization with the forward's (the same op on the same inputs) and keeps
+    # its output, where eager dequantizes again.
+    kept_weights: float
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
     sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
@@ -401,7 +407,7 @@ class MemoryModel:
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
-        resident = {KEEP: hidden + saved, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0}
+        resident = {KEEP: hidden + saved + self.kept_weights, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0}
         fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: hidden}
         below, in_layer, previous, host = 0.0, 0.0, None, 0
         for policy in plan.layers:
@@ -539,7 +545,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
       logits/loss  12 bytes x (T / C) x V: one chunk's fp32 log-softmax, its gradient and the
                    logits' gradient (+ 2 p for Gemma 2's capped logits)
       workspace    cuBLAS's, 32 MiB
-      context      0.5 GiB CUDA context + 40% allocator reserve: counted to fit a card only.
+      context      0.5 GiB CUDA context + 15% allocator reserve: counted to fit a card only.
       host         pinned copies of the offloaded tensors, each rounded up to a power of two.
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward.
     Over N = world_size > 1 processes (FSDP2, `Sharding`), per GPU, with r bytes per value of the
@@ -646,8 +652,9 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         attention_scores_bytes(args, p),
-        max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0), details,
-        notes, sharding,
+        max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
+        sum(t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized) * p if cfg.get("compile")
+        else 0, details, notes, sharding,
     )
 
 

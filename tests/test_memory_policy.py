@@ -26,7 +26,8 @@ from tunelite.modules.nf4 import NF4Tensor
 from tunelite.modules.offload import ActivationOffloader
 from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model
-from tunelite.training.memory_policy import available_host_memory, budget_bytes, plan_memory
+from tunelite.runtime.host import available_host_memory
+from tunelite.training.memory_policy import budget_bytes, plan_memory
 
 LORA = "lora_finetune_single_device"
 MIXED = [(KEEP, RECOMPUTE_OFFLOAD), (OFFLOAD, RECOMPUTE), (RECOMPUTE_OFFLOAD, OFFLOAD)]

@@ -20,7 +20,7 @@ from tunelite.cli.main import main
 from tunelite.errors import ResourceError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
-from tunelite.training import offload_optimizer
+from tunelite.runtime import host
 from tunelite.training.offload_optimizer import (
     OverlappedCPUAdamW,
     _StagingRing,
@@ -239,7 +239,7 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
 def test_a_machine_without_that_much_free_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:       1024 kB\n")
-    monkeypatch.setattr(offload_optimizer, "MEMINFO", meminfo)
+    monkeypatch.setattr(host, "MEMINFO", meminfo)
     with pytest.raises(ResourceError, match=r"needs 0\.0 GiB .* only 0\.0 GiB is available .*accumulation_dtype: bf16"):
         overlapped_cpu_adamw(random_model().parameters())
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from tunelite.errors import ConfigError, ResourceError
 from tunelite.modules.memory_policy import offloads
+from tunelite.runtime.host import MEMINFO, available_host_memory
 from tunelite.training.memory_estimate import (
     GIB,
     MemoryEstimate,
@@ -23,9 +24,6 @@ from tunelite.training.memory_estimate import (
     memory_model,
     switches_plan,
 )
-
-MEMINFO = Path("/proc/meminfo")
-
 
 def budget_bytes(budget: float | str, device: torch.device) -> int | None:
     """memory_budget_gib in bytes: a number of GiB, or `auto`, the card's whole memory (None when
@@ -41,19 +39,6 @@ def budget_bytes(budget: float | str, device: torch.device) -> int | None:
         raise ConfigError(f"memory_budget_gib: {budget!r} is not a memory size; give GiB (e.g. 22) or auto "
                           "(the GPU's memory)")
     return int(value * GIB)
-
-
-def available_host_memory(meminfo: Path = MEMINFO) -> int | None:
-    """The host memory the kernel could give a new allocation now (MemAvailable), in bytes; None
-    where /proc/meminfo does not say (not Linux)."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name == "MemAvailable":
-                return int(value.split()[0]) * 1024  # kB
-    except OSError:
-        return None
-    return None
 
 
 def check_host_memory(needed: int, available: int | None) -> None:

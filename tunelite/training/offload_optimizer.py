@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from tunelite.errors import ConfigError, ResourceError
+from tunelite.runtime import host
 
 ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MEMINFO = Path("/proc/meminfo")
 GIB = 2**30
 # Each parameter's region of the flat pinned buffer starts on a cache line.
 ALIGN = 64
@@ -81,24 +81,11 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
     }
 
 
-def available_host_memory(meminfo: Path) -> int | None:
-    """MemAvailable in bytes: what the kernel can hand out without swapping; None where there is
-    no /proc/meminfo (not Linux)."""
-    try:
-        lines = meminfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def check_host_memory(needed: dict[str, int], meminfo: Path | None = None) -> None:
     """Refuses to start a run whose optimizer would not fit the machine's free memory: the
     alternative is the kernel's OOM killer an hour in, or a machine that swaps."""
-    meminfo = meminfo or MEMINFO
-    available = available_host_memory(meminfo)
+    meminfo = meminfo or host.MEMINFO
+    available = host.available_host_memory(meminfo)
     total = sum(needed.values())
     if available is not None and total > available:
         parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in needed.items())

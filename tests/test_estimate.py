@@ -424,12 +424,3 @@ def test_sharded_advice_offloads_with_fsdp_and_launches_as_many_processes(config
         cfg = with_overrides(load(recipe, name), overrides)
         assert estimate_memory(cfg, recipe_memory(declared(recipe)), world_size=2).total <= 24 * GIB
 
-
-def test_a_budget_keeps_no_layer_of_compiled_qlora_whose_saved_weights_the_estimate_cannot_predict(config_only):
-    def plan(compiled: bool) -> tuple[str, ...]:
-        cfg = load("lora_finetune_single_device", "llama3_1/8B_qlora_single_device",
-                   [f"checkpointer.checkpoint_dir={config_only}", f"compile={compiled}"])
-        return memory_model(cfg, recipe_memory(declared("lora_finetune_single_device"))).fastest_plan(22 * GIB)[0].layers
-
-    assert KEEP in plan(compiled=False)
-    assert KEEP not in plan(compiled=True)

@@ -31,6 +31,29 @@ def test_fused_nf4_dequantization_equals_torchao(dtype):
         assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_nf4_linear_saves_the_4_bit_pieces_for_backward_as_eager_does(backend):
+    # Compiled, the backward's dequantization must not be merged into the forward's: that would
+    # keep every kept layer's weights in bf16 until backward (what the memory estimate does not count).
+    weight = quantize_nf4(torch.randn(512, 256, dtype=torch.bfloat16))
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+
+    def saved_by(fn) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                      lambda t: t):
+            fn(x, weight).backward()
+        return sorted(saved, key=str)
+
+    def step(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, weight).sum()
+
+    torch._dynamo.reset()
+    compiled = saved_by(torch.compile(step, backend=backend))
+    assert ((512, 256), torch.bfloat16) not in compiled
+    assert compiled == saved_by(step)
+
+
 def qlora_step(monkeypatch, checkpointing: bool, keep: bool, compiled: bool = False) -> tuple[torch.Tensor, dict, int]:
     """Loss, adapter gradients and the number of NF4 dequantizations of one step of the tiny QLoRA model."""
     torch.manual_seed(0)

@@ -45,6 +45,9 @@ def quantize_nf4(weight: torch.Tensor, shards: int = 1) -> NF4Tensor:
     return to_nf4(weight, BLOCK_SIZE, scaler_block)
 
 
+FORWARD, BACKWARD = 0, 1  # _dequantize_op's `call`
+
+
 def _dequantize_reference(
     data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
     block_size: int, scaler_block: int, rows: int, cols: int,
@@ -61,10 +64,15 @@ def _dequantize_reference(
 @torch.library.custom_op("tunelite::dequantize_nf4", mutates_args=())
 def _dequantize_op(
     data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
-    block_size: int, scaler_block: int, rows: int, cols: int,
+    block_size: int, scaler_block: int, rows: int, cols: int, call: int,
 ) -> torch.Tensor:
     """An opaque op to torch.compile, so a compiled layer calls the one-pass kernel instead of
-    tracing a dozen indexing ops, and its saved-tensor choice is ours (see _FrozenNF4Linear)."""
+    tracing a dozen indexing ops, and its saved-tensor choice is ours (see _FrozenNF4Linear).
+
+    `call` (FORWARD or BACKWARD) changes nothing in the result: it keeps AOT autograd's common
+    subexpression elimination from merging backward's dequantization into forward's, which would
+    save each weight's bf16 copy for backward where eager saves its 4-bit pieces (on an H200, 16
+    kept 8B QLoRA layers held 4.9 GiB more than the memory estimate)."""
     if data.is_cuda:
         from tunelite.modules.nf4_kernel import dequantize_nf4_cuda
 
@@ -73,7 +81,7 @@ def _dequantize_op(
 
 
 @_dequantize_op.register_fake
-def _(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols):  # noqa: ANN001, ANN202
+def _(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols, call):  # noqa: ANN001, ANN202
     return table.new_empty((rows, cols))
 
 
@@ -84,7 +92,7 @@ def _pieces(weight: NF4Tensor) -> tuple:
 
 def dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
     """The weight in its original dtype, in one pass over memory on a GPU (tunelite/modules/nf4_kernel.py)."""
-    return _dequantize_op(*_pieces(weight))
+    return _dequantize_op(*_pieces(weight), FORWARD)
 
 
 class _FrozenNF4Linear(torch.autograd.Function):
@@ -98,7 +106,7 @@ class _FrozenNF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep_dequantized: bool, *pieces: torch.Tensor | int) -> torch.Tensor:  # noqa: ANN001
-        weight = _dequantize_op(*pieces).to(x.dtype)
+        weight = _dequantize_op(*pieces, FORWARD).to(x.dtype)
         ctx.keep_dequantized, ctx.meta = keep_dequantized, pieces[5:]
         if keep_dequantized:
             ctx.save_for_backward(weight)
@@ -109,7 +117,7 @@ class _FrozenNF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
         saved = ctx.saved_tensors
-        weight = saved[0] if ctx.keep_dequantized else _dequantize_op(*saved, *ctx.meta)
+        weight = saved[0] if ctx.keep_dequantized else _dequantize_op(*saved, *ctx.meta, BACKWARD)
         return (grad @ weight.to(grad.dtype), None, *[None] * 9)
 
 

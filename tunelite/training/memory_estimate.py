@@ -371,10 +371,6 @@ class MemoryModel:
     mlp_saved: tuple[float, ...]
     attention_scores: float  # attention_scores_bytes: per token and key position
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
-    # Whether a plan may keep layers. Not compiled QLoRA: compiled, a kept NF4 layer saves more for
-    # backward than eager does (measured on an H200 at 2 x 2048: 4.9 GiB above the estimate with 16
-    # layers kept, and out of memory with 12), which the estimate cannot yet predict.
-    can_keep: bool
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
     sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
@@ -481,12 +477,11 @@ class MemoryModel:
         recomputed layers first (the first layers kept, the rest recomputed), then the fewest of
         those offloaded; the MLP in chunks only when nothing fits without. `offload` without
         recomputation is never chosen: it moves a layer's every activation over PCIe (about 22x
-        its input at Llama sizes), slower than recomputing it unless the copy hides behind compute.
-        Compiled QLoRA keeps no layer (see `can_keep`)."""
+        its input at Llama sizes), slower than recomputing it unless the copy hides behind compute."""
         layers = self.args.num_layers
         tokens = (batch or self.batch) * self.recipe.sequences_per_sample * (seq or self.seq)
         for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
-            for recomputed in range(0 if self.can_keep else layers, layers + 1):
+            for recomputed in range(layers + 1):
                 plans = [MemoryPlan((KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded
                                     + (RECOMPUTE,) * (recomputed - offloaded), chunk)
                          for offloaded in range(recomputed + 1)]
@@ -654,7 +649,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         attention_scores_bytes(args, p),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
-        not (cfg.get("compile") and quantized), details, notes, sharding,
+        details, notes, sharding,
     )
 
 

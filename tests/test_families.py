@@ -267,3 +267,23 @@ def test_the_qwen_demos_adapter_and_merged_model_generate_the_same_reply(qwen_de
                      "max_new_tokens=8"]) == 0
         replies.append(capsys.readouterr().out.rsplit("\n[", 1)[0])
     assert replies[0] == replies[1] and replies[0]  # the text, newlines included, of the same tokens
+
+
+@each_family
+def test_a_pack_of_three_samples_gives_each_its_loss_alone(args):
+    # Sliding windows (the 81-token sample runs past the tiny 24-token ones) and Gemma 2's capped
+    # scores take a dense block-causal mask built from the document ids; the others the
+    # per-document path of tunelite.modules.attention. LongRoPE switches to its long factors for a
+    # whole call once any position passes the pre-training window (as transformers does), so its
+    # samples stay inside the window, where packed and alone agree on the factors.
+    model = random_model(args).eval()
+    g = torch.Generator().manual_seed(0)
+    window = getattr(args.rope_scaling, "original_max_position_embeddings", None) or 81
+    samples = [torch.randint(1, args.vocab_size, (1, min(n, window)), generator=g) for n in (37, 81, 22)]
+    tokens = torch.cat(samples, dim=1)
+    positions = torch.cat([torch.arange(s.shape[1]) for s in samples])[None]
+    documents = torch.cat([torch.full((s.shape[1],), i) for i, s in enumerate(samples)])[None]
+    with torch.no_grad():
+        together = model(tokens, positions, document_ids=documents)
+        alone = torch.cat([model(s) for s in samples], dim=1)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)

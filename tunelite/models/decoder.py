@@ -475,10 +475,12 @@ class TransformerDecoder(nn.Module):
         say so."""
         s = tokens.shape[1]
         start = self.layers[0].attn.kv_cache.size if self.caches_enabled else 0
-        if self.pos_embeddings is not None and start + s > self.args.max_seq_len:
-            raise TuneliteError(f"{start + s} positions, but this model learned {self.args.max_seq_len}: set "
-                                "tokenizer.max_seq_len (or shorten the prompt and max_new_tokens) to at most "
-                                f"{self.args.max_seq_len}")
+        if self.pos_embeddings is not None:  # learned positions (GPT-2): a table of max_seq_len rows
+            longest = start + s if positions is None else int(positions.max()) + 1  # packs restart theirs
+            if longest > self.args.max_seq_len:
+                raise TuneliteError(f"{longest} positions, but this model learned {self.args.max_seq_len}: set "
+                                    "tokenizer.max_seq_len (or shorten the prompt and max_new_tokens) to at most "
+                                    f"{self.args.max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device)[None]
         if mask is None and self.caches_enabled:

@@ -28,7 +28,9 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tunelite import files
 from tunelite.errors import ConfigError, DataError
+from tunelite.files import MAX_JSON_BYTES, read_bounded
 from tunelite.tokenizers.messages import Message
 
 # Where a Hugging Face folder keeps its template, in the order transformers prefers them.
@@ -195,13 +197,13 @@ def read_chat_template(folder: Path, override: str | Path | None = None) -> tupl
         path = Path(override)
         if not path.is_file():
             raise ConfigError(f"chat_template: {path} is not a file; pass the path of a .jinja chat template")
-        return path.read_text(encoding="utf-8"), str(path)
+        return _read_template(path), str(path)
     for name in TEMPLATE_FILES:
         path = folder / name
         if not path.is_file():
             continue
         if name.endswith(".jinja"):
-            return path.read_text(encoding="utf-8"), str(path)
+            return _read_template(path), str(path)
         template = read_json(path).get("chat_template")
         if isinstance(template, list):
             named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
@@ -215,12 +217,17 @@ def read_chat_template(folder: Path, override: str | Path | None = None) -> tupl
     return None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a model folder, or a ConfigError naming the file."""
+def _read_template(path: Path) -> str:
+    """A .jinja chat template, its size bounded as every file from elsewhere is (tunelite.files)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from None
+        return read_bounded(path, MAX_JSON_BYTES, "chat template", ConfigError).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"chat template {path} is not UTF-8 text ({err})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model folder, its size bounded (tunelite.files), or a ConfigError naming the file."""
+    data = files.read_json(path, "model folder file", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

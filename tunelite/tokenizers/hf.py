@@ -14,6 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from tunelite.errors import ConfigError, DataError
+from tunelite.files import MAX_TOKENIZER_BYTES, check_size
 from tunelite.tokenizers.chat_template import TEMPLATE_FILES, ChatTemplate, read_chat_template, read_json
 from tunelite.tokenizers.messages import Message, truncate
 
@@ -32,7 +33,7 @@ def locate_tokenizer_json(path: str | Path, builder: str) -> Path:
             f"{builder}: {where}; pass a Hugging Face model folder (or its tokenizer.json). Meta's "
             "original/tokenizer.model is read by tunelite.tokenizers.auto_tokenizer or llama3_tokenizer"
         )
-    return file
+    return check_size(file, MAX_TOKENIZER_BYTES, "tokenizer file", ConfigError)
 
 
 def _token_content(value: Any, key: str, source: Path) -> str | None:

@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+from tunelite.errors import ResourceError
+
 MEMINFO = Path("/proc/meminfo")
+GIB = 2**30
 
 
 def available_host_memory(meminfo: Path = MEMINFO) -> int | None:
@@ -16,3 +19,14 @@ def available_host_memory(meminfo: Path = MEMINFO) -> int | None:
     except OSError:
         return None
     return None
+
+
+def require_host_memory(needed: int, what: str, fix: str, meminfo: Path | None = None, pinned: bool = False) -> None:
+    """Refuses, before a run starts, to take more host memory than the machine has available: the
+    alternative is the kernel's OOM killer an hour in, or a machine that swaps (and pinned pages
+    cannot be swapped at all). `what` needs `needed` bytes; `fix` says what to change."""
+    meminfo = meminfo or MEMINFO
+    available = available_host_memory(meminfo)
+    if available is not None and needed > available:
+        raise ResourceError(f"{what} needs {needed / GIB:.1f} GiB of {'pinned ' if pinned else ''}host memory, but "
+                            f"only {available / GIB:.1f} GiB is available (MemAvailable in {meminfo}). {fix}")

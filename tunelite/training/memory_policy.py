@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from tunelite.errors import ConfigError, ResourceError
+from tunelite.errors import ConfigError
 from tunelite.modules.memory_policy import offloads
-from tunelite.runtime.host import MEMINFO, available_host_memory
+from tunelite.runtime.host import MEMINFO, require_host_memory
 from tunelite.training.memory_estimate import (
     GIB,
     MemoryEstimate,
@@ -39,18 +39,6 @@ def budget_bytes(budget: float | str, device: torch.device) -> int | None:
         raise ConfigError(f"memory_budget_gib: {budget!r} is not a memory size; give GiB (e.g. 22) or auto "
                           "(the GPU's memory)")
     return int(value * GIB)
-
-
-def check_host_memory(needed: int, available: int | None) -> None:
-    """Refuses, before the run starts, a plan whose offloaded activations need more pinned host
-    memory than the machine has available: pinned pages cannot be swapped, so the run would
-    otherwise die (or take the machine down) in its first backward pass."""
-    if available is not None and needed > available:
-        raise ResourceError(
-            f"offloading activations needs {gib(needed)} of pinned host memory, and this machine has "
-            f"{gib(available)} available (MemAvailable in /proc/meminfo). Offload fewer layers (set "
-            "enable_activation_offloading: False, or memory_budget_gib to the card's size so only what "
-            "must be offloaded is), or shorten tokenizer.max_seq_len")
 
 
 def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.device, checkpointing: bool,
@@ -81,7 +69,10 @@ def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.de
             plan = found[0]
     estimate = model.estimate(plan)
     print(describe_plan(plan, estimate, model.batch * model.seq))
-    check_host_memory(estimate.host_bytes, available_host_memory(meminfo))
+    require_host_memory(estimate.host_bytes, "offloading activations",
+                        "Offload fewer layers (set enable_activation_offloading: False, or memory_budget_gib to the "
+                        "card's size so only what must be offloaded is), or shorten tokenizer.max_seq_len",
+                        meminfo, pinned=True)
     return plan
 
 

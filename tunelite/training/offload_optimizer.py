@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from tunelite.errors import ConfigError, ResourceError
+from tunelite.errors import ConfigError
 from tunelite.runtime import host
 
 ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -82,19 +82,12 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
 
 
 def check_host_memory(needed: dict[str, int], meminfo: Path | None = None) -> None:
-    """Refuses to start a run whose optimizer would not fit the machine's free memory: the
-    alternative is the kernel's OOM killer an hour in, or a machine that swaps."""
-    meminfo = meminfo or host.MEMINFO
-    available = host.available_host_memory(meminfo)
-    total = sum(needed.values())
-    if available is not None and total > available:
-        parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in needed.items())
-        raise ResourceError(
-            f"the overlapped CPU AdamW needs {total / GIB:.1f} GiB of host memory ({parts} GiB), but only "
-            f"{available / GIB:.1f} GiB is available (MemAvailable in {meminfo}). Free memory, use a machine "
-            "with more, set optimizer.accumulation_dtype: bf16 (2 bytes a parameter less), or use another "
-            "optimizer (optimizer_in_bwd: True, or torchao's AdamW8bit)"
-        )
+    """Refuses to start a run whose optimizer would not fit the machine's free memory."""
+    parts = ", ".join(f"{name} {size / GIB:.1f} GiB" for name, size in needed.items())
+    host.require_host_memory(
+        sum(needed.values()), f"the overlapped CPU AdamW ({parts})",
+        "Free memory, use a machine with more, set optimizer.accumulation_dtype: bf16 (2 bytes a parameter "
+        "less), or use another optimizer (optimizer_in_bwd: True, or torchao's AdamW8bit)", meminfo)
 
 
 def forward_blocks(model: nn.Module) -> Iterator[nn.Module]:

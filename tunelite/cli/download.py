@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelite.errors import TuneliteError
-from tunelite.files import SOURCE_RECORD
+from tunelite.files import SOURCE_RECORD, read_json
 
 ALLOW_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -61,8 +61,8 @@ def _check_output(output: Path, repo_id: str) -> None:
     record = output / SOURCE_RECORD
     if record.is_file():
         try:
-            previous = json.loads(record.read_text()).get("repo_id")
-        except (OSError, ValueError, AttributeError):
+            previous = read_json(record, "download record").get("repo_id")
+        except (TuneliteError, AttributeError):
             previous = f"an unknown repository ({record} is unreadable)"
         if previous != repo_id:
             raise TuneliteError(f"{output} holds a download of {previous}; pass another --output-dir for {repo_id}")

@@ -76,10 +76,10 @@ def main() -> None:
 
 def worst_gap(curve: list[float], reference: list[float], window: int = 1) -> float:
     """The largest relative gap between two loss curves, step by step or over means of `window` steps."""
-    means = [sum(curve[i:i + window]) / len(curve[i:i + window]) for i in range(0, len(curve), window)]
-    reference_means = [sum(reference[i:i + window]) / len(reference[i:i + window])
-                       for i in range(0, len(reference), window)]
-    return max(abs(c - r) / r for c, r in zip(means, reference_means))
+    def means(values: list[float]) -> list[float]:
+        return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
+
+    return max(abs(c - r) / r for c, r in zip(means(curve), means(reference)))
 
 
 if __name__ == "__main__":

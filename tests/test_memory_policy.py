@@ -26,6 +26,7 @@ from tunelite.modules.nf4 import NF4Tensor
 from tunelite.modules.offload import ActivationOffloader
 from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model
+from tunelite.cli.estimate import run_plan
 from tunelite.runtime.host import available_host_memory
 from tunelite.training.memory_policy import budget_bytes, plan_memory
 
@@ -219,6 +220,13 @@ def test_a_budget_nothing_fits_runs_the_leanest_plan_and_says_what_to_change(cap
     assert plan.layers == (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD)
     assert re.search(r"no memory policy fits .* by the estimate; running the leanest.*lower batch_size",
                      capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("budget", [0.01, 24], ids=["nothing fits", "fits"])
+def test_tunelite_estimate_reports_the_plan_the_run_applies(budget, capsys):
+    cfg = tiny_cfg(f"+memory_budget_gib={budget}")
+    applied = plan_memory(cfg, MEMORY, 2, torch.device("cpu"), True, False, budget)
+    assert run_plan(memory_model(cfg, memory_facts(LORA, MEMORY)), cfg, None) == applied
 
 
 def test_auto_budget_without_a_gpu_falls_back_to_the_switches(capsys):

@@ -108,19 +108,18 @@ def estimate(args: argparse.Namespace) -> int:
 
 
 def run_plan(model: MemoryModel, cfg: Any, card: int | None) -> MemoryPlan:
-    """The plan the run would use: the budget's choice when the config sets memory_budget_gib (and,
-    for `auto`, a card is known), else the switches'."""
+    """The plan the run would use (tunelite.training.memory_policy.budget_plan, as the recipe
+    picks it): the budget's when the config sets memory_budget_gib (and, for `auto`, a card is
+    known), else the switches'."""
     import torch
 
     from tunelite.training.memory_estimate import config_switches_plan
-    from tunelite.training.memory_policy import budget_bytes
+    from tunelite.training.memory_policy import budget_bytes, budget_plan
 
-    switches = config_switches_plan(cfg, model.args.num_layers)
     budget = cfg.get("memory_budget_gib")
-    if budget is None or (budget == "auto" and card is None):
-        return switches
-    fitted = model.fastest_plan(card if budget == "auto" else budget_bytes(budget, torch.device("meta")))
-    return fitted[0] if fitted else switches
+    if budget is not None:
+        budget = card if budget == "auto" else budget_bytes(budget, torch.device("meta"))
+    return budget_plan(model, config_switches_plan(cfg, model.args.num_layers), budget)[0]
 
 
 def policy_lines(model: MemoryModel, card: int | None) -> list[str]:

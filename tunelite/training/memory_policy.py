@@ -18,12 +18,14 @@ from tunelite.runtime.host import MEMINFO, require_host_memory
 from tunelite.training.memory_estimate import (
     GIB,
     MemoryEstimate,
+    MemoryModel,
     MemoryPlan,
     gib,
     memory_facts,
     memory_model,
     switches_plan,
 )
+
 
 def budget_bytes(budget: float | str, device: torch.device) -> int | None:
     """memory_budget_gib in bytes: a number of GiB, or `auto`, the card's whole memory (None when
@@ -57,23 +59,31 @@ def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.de
     if card is None and not any(offloads(policy) for policy in plan.layers):
         return plan
     model = memory_model(cfg, memory_facts("this recipe", memory), world_size)
-    if card is not None:
-        found = model.fastest_plan(card)
-        if found is None:
-            # The estimate's allocator reserve is cautious: try the leanest plan, and say what to change if it fails.
-            plan = switches_plan(num_layers, checkpointing=True, offloading=True)
-            print(f"memory_budget_gib: no memory policy fits batch {model.batch} x {model.seq} tokens in {gib(card)} "
-                  f"by the estimate; running the leanest, which needs {gib(model.estimate(plan).total)}. If it runs "
-                  "out of memory, lower batch_size or tokenizer.max_seq_len, or use a QLoRA config")
-        else:
-            plan = found[0]
+    plan, fits = budget_plan(model, plan, card)
     estimate = model.estimate(plan)
+    if not fits:
+        print(f"memory_budget_gib: no memory policy fits batch {model.batch} x {model.seq} tokens in {gib(card)} "
+              f"by the estimate; running the leanest, which needs {gib(estimate.total)}. If it runs "
+              "out of memory, lower batch_size or tokenizer.max_seq_len, or use a QLoRA config")
     print(describe_plan(plan, estimate, model.batch * model.seq))
     require_host_memory(estimate.host_bytes, "offloading activations",
                         "Offload fewer layers (set enable_activation_offloading: False, or memory_budget_gib to the "
                         "card's size so only what must be offloaded is), or shorten tokenizer.max_seq_len",
                         meminfo, pinned=True)
     return plan
+
+
+def budget_plan(model: MemoryModel, switches: MemoryPlan, budget: int | None) -> tuple[MemoryPlan, bool]:
+    """The plan a run applies, and whether the estimate says it fits: without a budget the switches'
+    plan; with one (bytes on the card) the fastest plan that fits it, or, where none does, the
+    leanest (the estimate's allocator reserve is cautious, so it may still run). `tunelite
+    estimate` reports the plan this picks."""
+    if budget is None:
+        return switches, True
+    found = model.fastest_plan(budget)
+    if found is None:
+        return switches_plan(model.args.num_layers, checkpointing=True, offloading=True), False
+    return found[0], True
 
 
 def describe_plan(plan: MemoryPlan, estimate: MemoryEstimate, tokens: int) -> str:

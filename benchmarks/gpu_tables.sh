@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_tables.sh 2   # long samples under a 22 GiB cap: ours QLoRA | Unsloth, ours LoRA
 #   bash benchmarks/gpu_tables.sh 3   # 1 vs 2 GPUs (distributed LoRA, full); then one-GPU full | torchtune's, HF+peft+bnb, ours eager
 #   bash benchmarks/gpu_tables.sh 4   # after them: budget rows under the estimate's new reserve | LoRA scaling, more steps
+#   bash benchmarks/gpu_tables.sh 5   # torchtune compiled LoRA/QLoRA, ours under a budget (kept attention outputs,
+#                                     # QLoRA's 4-bit saves) | the CPU AdamW kernels, torchtune full, ours full (fp32, bf16)
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -147,7 +149,32 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
+5)
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout $(( $(left) - 240 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        row budget-rows 200 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
+            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        echo "== cpu-kernels"
+        timeout 60 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 3 2>&1 | tail -12
+        SEQ=2048 STEPS=6 timeout $(( $(left) - 300 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+        grep MemAvailable /proc/meminfo
+        for dtype in bf16 fp32; do
+            row "full-single-$dtype" 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 \
+                --warmup 1 --accumulation-dtype $dtype
+        done
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"
-cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem" | cut -c1-400
+cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads" | cut -c1-400
 for f in "$OUT"/*.txt; do [ -f "$f" ] && echo "$f" && tail -4 "$f" | cut -c1-300; done

@@ -17,7 +17,17 @@ from tunelite.recipe_registry import RecipeDeclarations, get_recipe, read_declar
 from tunelite.errors import ConfigError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.lora import is_adapter_key
-from tunelite.modules.memory_policy import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
+from tunelite.modules.memory_policy import (
+    KEEP,
+    OFFLOAD,
+    RECOMPUTE,
+    RECOMPUTE_ATTENTION,
+    RECOMPUTE_OFFLOAD,
+    RECOMPUTE_OFFLOAD_ATTENTION,
+    keeps_attention,
+    offloads,
+    recomputes,
+)
 from tunelite.training.memory_estimate import (
     ACTIVATIONS,
     ADAPTER,
@@ -216,26 +226,44 @@ def test_each_policys_estimate_is_ordered_as_memory_must_be(config_only, kind, b
     assert both.host_bytes == LLAMA3_1_8B.num_layers * 2 ** math.ceil(math.log2(layer_input))
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def ordered(layers: int, recomputed: int, offloaded: int, attention: int, chunk: int | None = 8192) -> MemoryPlan:
+    """The first layers kept; of the recomputed, the first offloaded and the first keeping attention."""
+    return MemoryPlan(tuple(KEEP if i < layers - recomputed else {
+        (True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
+        (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}[
+        i - (layers - recomputed) < offloaded, i - (layers - recomputed) < attention] for i in range(layers)), chunk)
+
+
+@pytest.mark.parametrize(("kind", "seq"), [("lora", 2048), ("qlora", 2048), ("qlora", 32768)])
 @pytest.mark.parametrize("budget_gib", [18, 20, 22, 24, 40])
-def test_the_budget_picks_the_fewest_recomputed_then_fewest_offloaded_layers_that_fit(config_only, kind, budget_gib):
-    model, budget = model_of(config_only, kind), budget_gib * GIB
+def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_layers_that_fit(
+        config_only, kind, seq, budget_gib):
+    batch = 2 if seq == 2048 else 1
+    model, budget = model_of(config_only, kind, f"batch_size={batch}", f"tokenizer.max_seq_len={seq}"), budget_gib * GIB
     found = model.fastest_plan(budget)
     if found is None:  # LoRA's bf16 weights alone leave no room in 18 GiB
         assert model.estimate(uniform(RECOMPUTE_OFFLOAD)).total > budget
         return
     plan, result = found
     assert result == model.estimate(plan) and result.total <= budget
-    layers, recomputed = len(plan.layers), sum(p in (RECOMPUTE, RECOMPUTE_OFFLOAD) for p in plan.layers)
-    offloaded = plan.layers.count(RECOMPUTE_OFFLOAD)
-    assert plan.layers == (KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded + (RECOMPUTE,) * (
-        recomputed - offloaded)
-    if recomputed:  # one layer fewer recomputed does not fit, however many are offloaded
-        fewer = (KEEP,) * (layers - recomputed + 1) + (RECOMPUTE_OFFLOAD,) * (recomputed - 1)
-        assert model.estimate(MemoryPlan(fewer)).total > budget
-    if offloaded:  # nor one fewer offloaded
-        assert model.estimate(MemoryPlan(plan.layers[:layers - recomputed + offloaded - 1] + (RECOMPUTE,)
-                                         + plan.layers[layers - recomputed + offloaded:])).total > budget
+    layers = len(plan.layers)
+    recomputed = sum(map(recomputes, plan.layers))
+    offloaded = sum(offloads(p) for p in plan.layers)
+    attention = sum(map(keeps_attention, plan.layers))
+    assert plan == ordered(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens)
+    linear, attention_flops = model.recompute_flops(batch, seq)
+    assert linear > 0 and attention_flops > 0
+
+    def cost(r: int, a: int) -> float:
+        return r * linear + (r - a) * attention_flops
+
+    # nothing that recomputes less fits (with the MLP chunked as chosen), however many of its layers are offloaded
+    cheaper = [(r, a) for r in range(layers + 1) for a in range(r + 1) if cost(r, a) < cost(recomputed, attention)]
+    assert all(model.estimate(ordered(layers, r, r, a, plan.mlp_chunk_tokens)).total > budget for r, a in cheaper)
+    if offloaded:  # nor the same with one fewer offloaded
+        assert model.estimate(ordered(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens)).total > budget
+    if seq == 32768 and budget_gib == 22:  # long samples keep attention outputs: their recomputation costs seq^2
+        assert attention > 0 and attention_flops > linear / 2
 
 
 def test_more_budget_keeps_more_layers(config_only):

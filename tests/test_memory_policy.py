@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TINY, random_model
 from test_training_recipes import run_recipe
@@ -14,11 +15,15 @@ from tunelite.errors import ConfigError, ResourceError
 from tunelite.models.llama import LoRAArgs, lora_llama, set_activation_checkpointing
 from tunelite.modules.lora import set_trainable_params
 from tunelite.modules.memory_policy import (
+    ATTENTION_OPS,
     KEEP,
     OFFLOAD,
     POLICIES,
     RECOMPUTE,
+    RECOMPUTE_ATTENTION,
     RECOMPUTE_OFFLOAD,
+    RECOMPUTE_OFFLOAD_ATTENTION,
+    keeps_attention,
     set_memory_policy,
     uniform_policies,
 )
@@ -92,6 +97,34 @@ def test_recompute_and_offload_moves_only_each_layer_input():
     set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * TINY.num_layers, min_offload_bytes=0)
     model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
     assert model.memory_policy.offloader.peak_host_bytes == TINY.num_layers * 2 * 33 * TINY.embed_dim * 4
+
+
+class AttentionCalls(TorchDispatchMode):
+    """Counts the fused attention kernels dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
+@pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION])
+def test_a_layer_that_keeps_its_attention_output_does_not_run_attention_again(policy, quantized):
+    torch.manual_seed(0)
+    model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized)).train()
+    set_trainable_params(model)
+    set_memory_policy(model, (policy,) * TINY.num_layers, min_offload_bytes=0)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    with AttentionCalls() as calls:
+        loss = model(tokens).float().pow(2).mean()
+        in_forward = calls.count
+        loss.backward()
+    assert in_forward == TINY.num_layers  # the CPU's flash kernel, one call a layer
+    assert calls.count - in_forward == (0 if keeps_attention(policy) else TINY.num_layers)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])

@@ -8,6 +8,10 @@
   but PCIe traffic of the layer's whole activations, which only pays when it hides behind compute.
 - `recompute+offload`: checkpointing whose saved input goes to host memory: almost nothing of
   the layer stays on the card, for a few MB of traffic per layer (Unsloth's trick).
+- `recompute+attention`, `recompute+offload+attention`: the same, but the attention kernel's
+  output (and its log-sum-exp) stays on the card from forward to backward, so the recomputation
+  runs the projections, norms and MLP again but not attention (torch's selective checkpointing).
+  Attention costs seq^2 and its output only seq: at long samples the best use of a little memory.
 
 Long sequences also run the MLP in chunks of the sequence, each chunk under its own checkpoint,
 so no (tokens x intermediate_dim) tensor exists whole, in forward or backward.
@@ -19,14 +23,21 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from tunelite.errors import ConfigError
 from tunelite.modules.nf4 import keep_dequantized_weights
 from tunelite.modules.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 
 KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD = "keep", "recompute", "offload", "recompute+offload"
-POLICIES = (KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD)
+RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION = "recompute+attention", "recompute+offload+attention"
+POLICIES = (KEEP, RECOMPUTE, OFFLOAD, RECOMPUTE_OFFLOAD, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION)
+# The fused attention kernels SDPA dispatches to; a layer that keeps its attention output saves
+# theirs. (The math fallback, used with some masks on the CPU, is recomputed as before.)
+ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
 # Above this many tokens in a batch the MLP runs in chunks of at most this many: at 8B sizes a
 # chunk's SwiGLU intermediates are 8192 x 14336 values, and the matmuls stay large enough to be fast.
 MLP_CHUNK_TOKENS = 8192
@@ -34,12 +45,17 @@ MLP_CHUNK_TOKENS = 8192
 
 def recomputes(policy: str) -> bool:
     """Whether a layer under `policy` runs its forward again in backward."""
-    return policy in (RECOMPUTE, RECOMPUTE_OFFLOAD)
+    return policy in (RECOMPUTE, RECOMPUTE_OFFLOAD, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION)
 
 
 def offloads(policy: str) -> bool:
     """Whether a layer under `policy` sends what it saves to host memory."""
-    return policy in (OFFLOAD, RECOMPUTE_OFFLOAD)
+    return policy in (OFFLOAD, RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD_ATTENTION)
+
+
+def keeps_attention(policy: str) -> bool:
+    """Whether a recomputed layer under `policy` keeps its attention output instead of recomputing it."""
+    return policy in (RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION)
 
 
 def uniform_policies(num_layers: int, checkpointing: bool, offloading: bool) -> list[str]:
@@ -65,7 +81,10 @@ class MemoryPolicy:
         if not torch.is_grad_enabled():
             return _plain(layers, h, *args)
         for layer, policy in zip(layers, self.layers):
-            run = partial(checkpoint, layer, use_reentrant=False) if recomputes(policy) else layer
+            run = layer
+            if recomputes(policy):
+                run = partial(checkpoint, layer, use_reentrant=False, context_fn=(
+                    _attention_kept if keeps_attention(policy) else noop_context_fn))
             if offloads(policy):
                 with self.offloader.offloaded(layer, keep):
                     h = run(h, *args)
@@ -74,6 +93,11 @@ class MemoryPolicy:
         if self.offloader is not None:
             self.offloader.forward_done()
         return h
+
+
+def _attention_kept() -> tuple[object, object]:
+    """Selective checkpointing's contexts that save the attention kernels' outputs."""
+    return create_selective_checkpoint_contexts(list(ATTENTION_OPS))
 
 
 def run_layers(layers: Sequence[nn.Module], policy: MemoryPolicy | None, h: torch.Tensor, *args: object,

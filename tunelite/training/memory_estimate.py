@@ -54,7 +54,10 @@ from tunelite.modules.memory_policy import (
     OFFLOAD,
     POLICIES,
     RECOMPUTE,
+    RECOMPUTE_ATTENTION,
     RECOMPUTE_OFFLOAD,
+    RECOMPUTE_OFFLOAD_ATTENTION,
+    keeps_attention,
     offloads,
     uniform_policies,
 )
@@ -314,6 +317,17 @@ class MemoryPlan:
         return text + (f", MLP in chunks of {self.mlp_chunk_tokens} tokens" if self.chunks_mlp(tokens) else "")
 
 
+def _ordered_plan(layers: int, recomputed: int, offloaded: int, kept_attention: int,
+                  mlp_chunk_tokens: int | None) -> MemoryPlan:
+    """The first layers kept, then `recomputed` layers: the first `offloaded` of those offloaded, the
+    first `kept_attention` keeping their attention output."""
+    policies = [KEEP] * (layers - recomputed)
+    for i in range(recomputed):
+        policies.append({(True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
+                         (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}[i < offloaded, i < kept_attention])
+    return MemoryPlan(tuple(policies), mlp_chunk_tokens)
+
+
 def switches_plan(num_layers: int, checkpointing: bool, offloading: bool) -> MemoryPlan:
     """The plan of enable_activation_checkpointing and enable_activation_offloading, as torchtune means them."""
     return MemoryPlan(tuple(uniform_policies(num_layers, checkpointing, offloading)))
@@ -370,6 +384,7 @@ class MemoryModel:
     attention_saved: tuple[float, ...]  # saved_tensors_per_token
     mlp_saved: tuple[float, ...]
     attention_scores: float  # attention_scores_bytes: per token and key position
+    attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
@@ -403,8 +418,10 @@ class MemoryModel:
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
-        resident = {KEEP: hidden + saved, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0}
-        fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: hidden}
+        kept_attention = tokens * self.attention_output
+        resident = {KEEP: hidden + saved, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0,
+                    RECOMPUTE_ATTENTION: hidden + kept_attention, RECOMPUTE_OFFLOAD_ATTENTION: kept_attention}
+        fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: hidden, RECOMPUTE_OFFLOAD_ATTENTION: hidden}
         below, in_layer, previous, host = 0.0, 0.0, None, 0
         for policy in plan.layers:
             ahead = fetched[previous] if offloads(policy) and previous else 0
@@ -466,25 +483,32 @@ class MemoryModel:
     def _host_bytes(self, policy: str, tokens: int, chunked: bool) -> int:
         """Pinned host memory of one offloaded layer: its input, or every tensor it saves that is
         large enough to move (the MLP's only when the MLP runs whole)."""
-        if policy == RECOMPUTE_OFFLOAD:
+        if policy in (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD_ATTENTION):
             return pinned_bytes(tokens * self.args.embed_dim * self.p)
         tensors = [self.args.embed_dim * self.p, *self.attention_saved, *(() if chunked else self.mlp_saved)]
         return sum(pinned_bytes(tokens * size) for size in tensors if tokens * size >= MIN_OFFLOAD_BYTES)
 
     def fastest_plan(self, budget: int, batch: int | None = None,
                      seq: int | None = None) -> tuple[MemoryPlan, MemoryEstimate] | None:
-        """The fastest plan whose estimate fits `budget` bytes on the card, or None: the fewest
-        recomputed layers first (the first layers kept, the rest recomputed), then the fewest of
-        those offloaded; the MLP in chunks only when nothing fits without. `offload` without
-        recomputation is never chosen: it moves a layer's every activation over PCIe (about 22x
-        its input at Llama sizes), slower than recomputing it unless the copy hides behind compute."""
+        """The fastest plan whose estimate fits `budget` bytes on the card, or None: the least
+        recomputation first, counted in FLOPs (`recompute_flops`: a recomputed layer's
+        projections and MLP, and its attention unless it keeps the attention output), then the
+        fewest offloaded layers; the first layers kept, the rest recomputed, the first of those
+        offloaded and keeping their attention output; the MLP in chunks only when nothing fits
+        without. `offload` without recomputation is never chosen: it moves a layer's every
+        activation over PCIe (about 22x its input at Llama sizes), slower than recomputing it
+        unless the copy hides behind compute."""
         layers = self.args.num_layers
-        tokens = (batch or self.batch) * self.recipe.sequences_per_sample * (seq or self.seq)
+        batch, seq = batch or self.batch, seq or self.seq
+        tokens = batch * self.recipe.sequences_per_sample * seq
+        linear, attention = self.recompute_flops(batch, seq)
+        # (recomputed layers, of them keeping their attention output) by the FLOPs they recompute
+        choices = sorted(((recomputed * linear + (recomputed - kept) * attention, recomputed, kept)
+                          for recomputed in range(layers + 1)
+                          for kept in range(recomputed + 1 if attention else 1)))
         for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
-            for recomputed in range(layers + 1):
-                plans = [MemoryPlan((KEEP,) * (layers - recomputed) + (RECOMPUTE_OFFLOAD,) * offloaded
-                                    + (RECOMPUTE,) * (recomputed - offloaded), chunk)
-                         for offloaded in range(recomputed + 1)]
+            for _, recomputed, kept in choices:
+                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk) for offloaded in range(recomputed + 1)]
                 if self.estimate(plans[-1], batch, seq).total > budget:
                     continue  # not even with every recomputed layer offloaded
                 for plan in plans:
@@ -492,6 +516,17 @@ class MemoryModel:
                     if result.total <= budget:
                         return plan, result
         return None
+
+    def recompute_flops(self, batch: int, seq: int) -> tuple[float, float]:
+        """FLOPs one layer's recomputation costs at batch x seq, forward only: (its projections
+        and MLP, its attention). The attention part is 0 where no flash kernel runs (Gemma 2's
+        capped scores), since a kept output saves nothing there."""
+        args, sequences = self.args, batch * self.recipe.sequences_per_sample
+        hd = args.resolved_head_dim
+        d, q, kv = args.embed_dim, args.num_heads * hd, args.num_kv_heads * hd
+        weights = d * (q + 2 * kv) + q * d + (3 if args.gated_mlp else 2) * d * args.intermediate_dim
+        attention = 0.0 if args.attn_softcap is not None else 2.0 * sequences * seq * seq * q  # causal: half of 4 s^2 q
+        return 2.0 * sequences * seq * weights, attention
 
     def longest_sequence(self, budget: int, step: int = 1024) -> tuple[int, MemoryPlan, MemoryEstimate] | None:
         """The longest sample (batch 1, a multiple of `step` tokens) whose fastest plan fits
@@ -532,7 +567,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
       optimizer    AdamW: 2 p per trained value (state in the parameter's dtype); torchao 8-bit
                    2 (1 + 4/256), 4-bit 2 (0.5 + 4/128); cpu_offload_optimizer: none
       activations  per layer, by its policy: keep T (d p + saved), recompute T d p, offloaded
-                   none; plus, at the peak of the backward through a layer, that layer's input
+                   none, and a recomputed layer that keeps its attention output T (H p + 4 h) (H
+                   the heads' width, h the heads: the output and its log-sum-exp); plus, at the peak of the backward through a layer, that layer's input
                    and saved activations and its backward's gradients
                    (`saved_tensors_per_token`, `backward_extra_bytes_per_token`,
                    `attention_backward_bytes_per_token`; the MLP's for one chunk when it runs in
@@ -647,7 +683,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
-        attention_scores_bytes(args, p),
+        attention_scores_bytes(args, p), args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
         details, notes, sharding,
     )

@@ -20,8 +20,9 @@ On any machine, the CPU side alone (what the brief's "whichever is faster" compa
     python benchmarks/full_finetune_bench.py --cpu-kernels [--numel 268435456] [--cpu-threads N]
 
 times, on `--numel` fp32 values: torch.optim.AdamW(fused=True).step(), torch._fused_adamw_ on the
-whole tensor, the optimizer's chunked update (`adamw_update`, with the bf16 weights written out)
-and its accumulation of a bf16 gradient into fp32 (`accumulate`), at several chunk sizes.
+whole tensor, the optimizer's chunked update (`adamw_update`, with the bf16 weights written out),
+its accumulation of a bf16 gradient into fp32 (`accumulate`) and the squared norm it takes once a
+step, at several chunk sizes, and the accumulation into bf16 (one whole-tensor add).
 """
 
 import argparse
@@ -42,6 +43,7 @@ from tunelite.training.offload_optimizer import (
     accumulate,
     adamw_update,
     forward_blocks,
+    squared_norm,
 )
 
 GIB = 2**30
@@ -99,6 +101,10 @@ def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
                                                          scratch, settings, None), reps)))
         rows.append((f"accumulate bf16 into fp32, chunks of 2^{size.bit_length() - 1}",
                      best_seconds(lambda: accumulate(grad, grad_bf16, False, scratch), reps)))
+        rows.append((f"squared norm of bf16, chunks of 2^{size.bit_length() - 1}",
+                     best_seconds(lambda: squared_norm(grad_bf16, scratch), reps)))
+    accum_bf16 = grad_bf16.clone()
+    rows.append(("accumulate bf16 into bf16", best_seconds(lambda: accumulate(accum_bf16, grad_bf16, False, grad), reps)))
     print(f"{numel} fp32 values, {torch.get_num_threads()} threads, best of {reps}:")
     for name, seconds in rows:
         print(f"  {name:<48} {seconds * 1e3:9.1f} ms  {numel / seconds / 1e9:6.2f} G values/s")

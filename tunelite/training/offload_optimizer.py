@@ -7,9 +7,9 @@ memory, and the CPU runs the update while the GPU computes. For each parameter p
   backward  p's gradient is complete: its post-accumulate-grad hook copies it (on a side CUDA
             stream) into a pinned staging ring and frees the GPU gradient at once;
   worker    once the copy has landed, adds it into p's host accumulator (the first micro-batch
-            of a step copies) and keeps the accumulated gradient's squared norm;
-  step      after the last micro-batch: `total_grad_norm()` waits for the last gradients,
-            clipping becomes a scale applied inside the update, and the updates are queued in
+            of a step copies), one pass over each;
+  step      after the last micro-batch: `total_grad_norm()` waits for the last gradients and
+            takes the accumulated gradients' norm (one read of each, a step), clipping becomes a scale applied inside the update, and the updates are queued in
             forward order (embedding first);
   worker    fused CPU AdamW on p's fp32 master and moments, chunk by chunk; the new weights, in
             the model's dtype, go into the accumulator's memory (free until p's next gradient)
@@ -101,8 +101,8 @@ def forward_blocks(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass(eq=False)
 class _Slot:
-    """One parameter's host state. `landed` and `sumsq` belong to the worker thread; the main
-    thread reads them only after `_drain`."""
+    """One parameter's host state. `landed` belongs to the worker thread; the main thread reads it
+    only after `_drain`."""
 
     index: int
     param: nn.Parameter
@@ -114,7 +114,6 @@ class _Slot:
     accum: torch.Tensor  # flat, pinned, accumulation dtype
     weights_out: torch.Tensor  # the same memory in the parameter's dtype: updated weights on their way back
     landed: int = 0  # gradients added into `accum` since the last update or zero_grad
-    sumsq: float = 0.0  # squared norm of the accumulated gradient
     ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
     sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
 
@@ -241,7 +240,9 @@ class OverlappedCPUAdamW:
         """The 2-norm of the step's gradients (summed over its micro-batches), once all have landed;
         NaN or inf when any gradient is not finite."""
         self._drain()
-        return torch.tensor(math.sqrt(sum(slot.sumsq for slot in self._slots if slot.landed)), dtype=torch.float32)
+        # The worker is idle after _drain and backward is over: its scratch is free for the norms.
+        sumsq = sum(squared_norm(slot.accum, self._scratch) for slot in self._slots if slot.landed)
+        return torch.tensor(math.sqrt(sumsq), dtype=torch.float32)
 
     def clip_grads_with_norm_(self, max_norm: float, total_norm: torch.Tensor) -> None:
         """torch.nn.utils.clip_grads_with_norm_'s scale, min(1, max_norm / (norm + 1e-6)), applied to
@@ -388,14 +389,13 @@ class OverlappedCPUAdamW:
     # releases what others wait for, and the main thread raises at its next call.
 
     def _land(self, slot: _Slot, region: torch.Tensor, copied: Any) -> None:
-        """Adds a landed gradient into its accumulator, chunk by chunk while the chunk is in cache,
-        and keeps the accumulated gradient's squared norm."""
+        """Adds a landed gradient into its accumulator."""
         try:
             if self._worker.error is not None:
                 return
             if copied is not None:
                 copied.synchronize()
-            slot.sumsq = accumulate(slot.accum, region, not slot.landed, self._scratch)
+            accumulate(slot.accum, region, not slot.landed, self._scratch)
             slot.landed += 1
             self._emit("grad_copied", slot.index)
         finally:
@@ -437,23 +437,28 @@ class OverlappedCPUAdamW:
             self.on_event(kind, index)
 
 
-def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor) -> float:
-    """Adds `grad` into `total` (copies it for the first micro-batch), one scratch-sized chunk at a
-    time so that the chunk is still in cache for its squared norm, which it returns: the host
-    reads each value once per micro-batch. Mixed dtypes go through the fp32 scratch, since an
-    in-place add of a bf16 tensor into an fp32 one makes a whole-tensor fp32 copy on the CPU."""
-    sumsq = 0.0
-    for lo, hi in _chunks(total.numel(), scratch.numel()):
-        part, new = total[lo:hi], grad[lo:hi]
-        if first:
-            part.copy_(new)
-        elif new.dtype == part.dtype:
-            part.add_(new)
-        else:
-            part.add_(scratch[:hi - lo].copy_(new))
-        squared = part if part.dtype == torch.float32 else scratch[:hi - lo].copy_(part)
-        sumsq += float(torch.dot(squared, squared))
-    return sumsq
+def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor) -> None:
+    """Adds `grad` into `total` (copies it for the first micro-batch) in one pass over each: the
+    host's memory bandwidth is what a micro-batch waits on. Mixed dtypes go through the fp32
+    scratch chunk by chunk, since an in-place add of a bf16 tensor into an fp32 one makes a
+    whole-tensor fp32 copy on the CPU."""
+    if first:
+        total.copy_(grad)
+    elif grad.dtype == total.dtype:
+        total.add_(grad)
+    else:
+        for lo, hi in _chunks(total.numel(), scratch.numel()):
+            total[lo:hi].add_(scratch[:hi - lo].copy_(grad[lo:hi]))
+
+
+def squared_norm(values: torch.Tensor, scratch: torch.Tensor) -> float:
+    """The sum of squares of `values` in fp32, chunk by chunk through the fp32 scratch when they
+    are not fp32. Taken once a step, of the accumulated gradient, not once a micro-batch."""
+    total = 0.0
+    for lo, hi in _chunks(values.numel(), scratch.numel()):
+        part = values[lo:hi] if values.dtype == torch.float32 else scratch[:hi - lo].copy_(values[lo:hi])
+        total += float(torch.dot(part, part))
+    return total
 
 
 def adamw_update(

@@ -17,15 +17,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from tunelite.checkpointing.state import Progress, load_training_state, save_checkpoint
 from tunelite.cli.main import main
-from tunelite.distributed.sharding import ShardedStateOptimizer
-from tunelite.modules.nf4 import quantize_nf4
-from tunelite.recipe_registry import get_recipe
+from tunelite.config import instantiate, load_recipe_config
+from tunelite.distributed.sharding import (
+    ShardedStateOptimizer,
+    gather_full_state_dict,
+    init_adapters,
+    load_sharded_checkpoint,
+    shard_model,
+)
+from tunelite.modules.lora import set_trainable_params
+from tunelite.modules.nf4 import NF4Tensor, dequantize, quantize_nf4
+from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.checkpointing import loading
 from tunelite.data.sampler import ResumableSampler
 from tunelite.training.schedulers import cosine_schedule_with_warmup
@@ -138,6 +148,46 @@ def test_nf4_base_weights_shard_and_train_as_on_one_device(tmp_path, monkeypatch
     run_single_device(tmp_path / "single", "tiny/qlora_cpu")
     run_distributed(tmp_path / "distributed", QLORA)
     assert_same_training(tmp_path / "distributed", tmp_path / "single")
+
+
+def check_frozen_base_left_whole(rank: int, rendezvous: str) -> None:
+    """One of two processes: after shard_model(shard_frozen=False) and load_sharded_checkpoint, of
+    the tiny LoRA and QLoRA models, each frozen weight is a plain tensor holding the whole
+    checkpoint tensor (NF4: quantized whole, as on one device), each adapter a DTensor of which
+    this process holds half the rows; gathering for saving gives rank 0 the frozen weights as loaded."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        name, config = LORA
+        for builder in ("lora_llama3_1_tiny", "qlora_llama3_1_tiny"):
+            cfg = load_recipe_config(config, read_declarations(get_recipe(name).path).keys,
+                                     [f"model._component_=tunelite.models.{builder}"])
+            checkpointer = instantiate(cfg.checkpointer)
+            with torch.device("meta"):
+                model = instantiate(cfg.model)
+            init_adapters(model, torch.float32)
+            set_trainable_params(model)
+            shard_model(model, torch.device("cpu"), torch.float32, True, shard_frozen=False)
+            load_sharded_checkpoint(model, checkpointer, torch.device("cpu"), torch.float32)
+            checkpoint, quantized = checkpointer.load(model.args), loading.nf4_weight_names(model)
+            assert bool(quantized) == builder.startswith("qlora")
+            expected = {key: value.float() for key, value in checkpoint.items()}
+            expected.update({key: dequantize(quantize_nf4(expected[key])) for key in quantized})
+            for key, param in model.named_parameters():
+                if param.requires_grad:
+                    assert isinstance(param, DTensor) and tuple(param.placements) == (Shard(0),), key
+                    assert param.to_local().shape[0] < param.shape[0], key
+                else:
+                    assert not isinstance(param, DTensor) and isinstance(param, NF4Tensor) == (key in quantized), key
+                    assert torch.equal(dequantize(param), expected[key]), key
+            gathered = gather_full_state_dict(model, keep=lambda key: key in expected)
+            assert gathered.keys() == (expected.keys() if rank == 0 else set())
+            assert all(torch.equal(gathered[key], expected[key]) for key in gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_model_leaves_the_frozen_base_whole_and_shards_the_adapters(tmp_path):
+    torch.multiprocessing.spawn(check_frozen_base_left_whole, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
 def children(pid: int) -> list[int]:

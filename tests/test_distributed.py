@@ -1,8 +1,9 @@
 """The distributed LoRA and full fine-tune recipes under torchrun, on the CPU through gloo: each
 trains exactly as its single-device recipe does on the same global batch (LoRA on one machine and
-across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights. A
-second run into a used output folder is refused by every rank; a resumed full fine-tune applies
-a changed optimizer setting."""
+across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights, or,
+with fsdp_shard_frozen_weights: False, keeps the frozen base whole on every process and trains
+and saves to the bits of the sharded run. A second run into a used output folder is refused by
+every rank; a resumed full fine-tune applies a changed optimizer setting."""
 
 import json
 import os
@@ -120,10 +121,35 @@ def test_ranks_batches_together_are_the_single_process_batch():
             assert sorted(ranks[0][4 * k:4 * k + 4] + ranks[1][4 * k:4 * k + 4]) == sorted(single[8 * k:8 * k + 8])
 
 
-def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, single_device):
-    # Activation checkpointing on as well: it must compose with the sharded layers.
-    run_distributed(tmp_path, "enable_activation_checkpointing=True")
-    assert_same_training(tmp_path, single_device)
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two processes, every weight sharded; activation checkpointing on as well: it must compose
+    with the sharded layers."""
+    out = tmp_path_factory.mktemp("sharded")
+    run_distributed(out, "enable_activation_checkpointing=True")
+    return out
+
+
+def test_two_processes_train_as_one_on_the_same_global_batch(sharded, single_device):
+    assert_same_training(sharded, single_device)
+
+
+def test_a_frozen_base_whole_on_each_process_trains_saves_and_resumes_to_the_sharded_runs_bits(
+        tmp_path, single_device, sharded):
+    """Only the adapters sharded: the gathered weights were the same numbers, so the losses, the
+    adapter and the merged model are the sharded run's to the bit; resumed from its step 1
+    checkpoint, it ends on the same step 2."""
+    whole = ["enable_activation_checkpointing=True", "fsdp_shard_frozen_weights=False"]
+    run_distributed(tmp_path / "whole", *whole)
+    assert_same_training(tmp_path / "whole", single_device)
+    assert_same_training(tmp_path / "whole", sharded, atol=0)
+    run_distributed(tmp_path / "resumed", *whole, f"resume_from_checkpoint={tmp_path / 'whole' / 'step_1'}")
+    resumed, uninterrupted = metrics(tmp_path / "resumed"), metrics(tmp_path / "whole")
+    assert resumed.keys() == {key for key in uninterrupted if key[0] == 2}
+    assert all(resumed[key] == uninterrupted[key] for key in resumed)
+    for file in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        ours, theirs = load_file(tmp_path / "resumed" / "step_2" / file), load_file(tmp_path / "whole" / "step_2" / file)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
 def test_two_nodes_of_one_process_each_train_as_one(tmp_path, single_device):
@@ -141,12 +167,15 @@ def test_two_nodes_of_one_process_each_train_as_one(tmp_path, single_device):
     assert_same_training(tmp_path, single_device)
 
 
-def test_nf4_base_weights_shard_and_train_as_on_one_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_frozen", [True, False])
+def test_nf4_base_weights_sharded_or_whole_train_as_on_one_device(tmp_path, monkeypatch, shard_frozen):
     # Sharding needs whole NF4 scale blocks in each shard; at the tiny model's sizes that means
-    # half the single-device block, so the reference quantizes with it too.
-    monkeypatch.setattr(loading, "quantize_nf4", partial(quantize_nf4, shards=2))
+    # half the single-device block, so the reference quantizes with it too. Left whole, the base
+    # is quantized as on one device.
+    if shard_frozen:
+        monkeypatch.setattr(loading, "quantize_nf4", partial(quantize_nf4, shards=2))
     run_single_device(tmp_path / "single", "tiny/qlora_cpu")
-    run_distributed(tmp_path / "distributed", QLORA)
+    run_distributed(tmp_path / "distributed", QLORA, f"fsdp_shard_frozen_weights={shard_frozen}")
     assert_same_training(tmp_path / "distributed", tmp_path / "single")
 
 

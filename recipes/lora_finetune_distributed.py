@@ -5,8 +5,9 @@
         --nproc_per_node 8 --config llama3_1/70B_lora          # and --node_rank 1 on the second machine
 
 What makes this distributed: every process holds 1/N of each weight, the frozen base included,
-and gathers one layer at a time to run it; it takes its own `batch_size` samples of each global
-batch of N x batch_size. Each step divides the loss by the labelled tokens of the whole global
+and gathers one layer at a time to run it (with `fsdp_shard_frozen_weights: False`, the whole
+frozen base and 1/N of the adapters, and gathers only those); it takes its own `batch_size`
+samples of each global batch of N x batch_size. Each step divides the loss by the labelled tokens of the whole global
 batch and sums the gradients across processes, so a step is the single-device recipe's step on
 that global batch. The model is built as torchtitan builds it: on the meta device, sharded
 layer by layer, then filled from the checkpoint, each process reading only its rows. Rank 0
@@ -72,7 +73,7 @@ CONFIG_KEYS = {
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
         "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "fsdp_reshard_after_forward",
-        "overwrite_output_dir", "divergence_factor",
+        "fsdp_shard_frozen_weights", "overwrite_output_dir", "divergence_factor",
         "enable_activation_offloading", "memory_budget_gib",
     ),
 }
@@ -112,13 +113,15 @@ def train(cfg: DictConfig, run: RunFolder, device: torch.device, rank: int, worl
     total_steps = epoch_steps * cfg.epochs
 
     # The model: built on the meta device, adapters initialised before sharding (the same on every
-    # rank), sharded layer by layer, then each rank fills its rows from the checkpoint.
+    # rank), frozen before sharding (which may leave the frozen base whole), sharded layer by layer,
+    # then each rank fills its rows from the checkpoint.
     checkpointer = instantiate(cfg.checkpointer)
     with torch.device("meta"):
         model = instantiate(cfg.model)
     init_adapters(model, dtype)
     set_trainable_params(model)
-    shard_model(model, device, dtype, cfg.get("fsdp_reshard_after_forward", True))
+    shard_model(model, device, dtype, cfg.get("fsdp_reshard_after_forward", True),
+                shard_frozen=cfg.get("fsdp_shard_frozen_weights", True))
     load_sharded_checkpoint(model, checkpointer, device, dtype)
     # What each layer keeps for backward: the switches' policy, or the fastest that fits memory_budget_gib.
     plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,

@@ -1,8 +1,9 @@
 """The distributed LoRA and full fine-tune recipes under torchrun, on the CPU through gloo: each
 trains exactly as its single-device recipe does on the same global batch (LoRA on one machine and
-across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights. A
-second run into a used output folder is refused by every rank; a resumed full fine-tune applies
-a changed optimizer setting."""
+across two), resumes after a kill to the same bits, and LoRA shards NF4 (QLoRA) base weights, or,
+with fsdp_shard_frozen_weights: False, keeps the frozen base whole on every process and trains
+and saves to the bits of the sharded run. A second run into a used output folder is refused by
+every rank; a resumed full fine-tune applies a changed optimizer setting."""
 
 import json
 import os
@@ -17,15 +18,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from tunelite.checkpointing.state import Progress, load_training_state, save_checkpoint
 from tunelite.cli.main import main
-from tunelite.distributed.sharding import ShardedStateOptimizer
-from tunelite.modules.nf4 import quantize_nf4
-from tunelite.recipe_registry import get_recipe
+from tunelite.config import instantiate, load_recipe_config
+from tunelite.distributed.sharding import (
+    ShardedStateOptimizer,
+    gather_full_state_dict,
+    init_adapters,
+    load_sharded_checkpoint,
+    shard_model,
+)
+from tunelite.modules.lora import set_trainable_params
+from tunelite.modules.nf4 import NF4Tensor, dequantize, quantize_nf4
+from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.checkpointing import loading
 from tunelite.data.sampler import ResumableSampler
 from tunelite.training.schedulers import cosine_schedule_with_warmup
@@ -110,10 +121,35 @@ def test_ranks_batches_together_are_the_single_process_batch():
             assert sorted(ranks[0][4 * k:4 * k + 4] + ranks[1][4 * k:4 * k + 4]) == sorted(single[8 * k:8 * k + 8])
 
 
-def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, single_device):
-    # Activation checkpointing on as well: it must compose with the sharded layers.
-    run_distributed(tmp_path, "enable_activation_checkpointing=True")
-    assert_same_training(tmp_path, single_device)
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two processes, every weight sharded; activation checkpointing on as well: it must compose
+    with the sharded layers."""
+    out = tmp_path_factory.mktemp("sharded")
+    run_distributed(out, "enable_activation_checkpointing=True")
+    return out
+
+
+def test_two_processes_train_as_one_on_the_same_global_batch(sharded, single_device):
+    assert_same_training(sharded, single_device)
+
+
+def test_a_frozen_base_whole_on_each_process_trains_saves_and_resumes_to_the_sharded_runs_bits(
+        tmp_path, single_device, sharded):
+    """Only the adapters sharded: the gathered weights were the same numbers, so the losses, the
+    adapter and the merged model are the sharded run's to the bit; resumed from its step 1
+    checkpoint, it ends on the same step 2."""
+    whole = ["enable_activation_checkpointing=True", "fsdp_shard_frozen_weights=False"]
+    run_distributed(tmp_path / "whole", *whole)
+    assert_same_training(tmp_path / "whole", single_device)
+    assert_same_training(tmp_path / "whole", sharded, atol=0)
+    run_distributed(tmp_path / "resumed", *whole, f"resume_from_checkpoint={tmp_path / 'whole' / 'step_1'}")
+    resumed, uninterrupted = metrics(tmp_path / "resumed"), metrics(tmp_path / "whole")
+    assert resumed.keys() == {key for key in uninterrupted if key[0] == 2}
+    assert all(resumed[key] == uninterrupted[key] for key in resumed)
+    for file in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        ours, theirs = load_file(tmp_path / "resumed" / "step_2" / file), load_file(tmp_path / "whole" / "step_2" / file)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
 def test_two_nodes_of_one_process_each_train_as_one(tmp_path, single_device):
@@ -131,13 +167,56 @@ def test_two_nodes_of_one_process_each_train_as_one(tmp_path, single_device):
     assert_same_training(tmp_path, single_device)
 
 
-def test_nf4_base_weights_shard_and_train_as_on_one_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_frozen", [True, False])
+def test_nf4_base_weights_sharded_or_whole_train_as_on_one_device(tmp_path, monkeypatch, shard_frozen):
     # Sharding needs whole NF4 scale blocks in each shard; at the tiny model's sizes that means
-    # half the single-device block, so the reference quantizes with it too.
-    monkeypatch.setattr(loading, "quantize_nf4", partial(quantize_nf4, shards=2))
+    # half the single-device block, so the reference quantizes with it too. Left whole, the base
+    # is quantized as on one device.
+    if shard_frozen:
+        monkeypatch.setattr(loading, "quantize_nf4", partial(quantize_nf4, shards=2))
     run_single_device(tmp_path / "single", "tiny/qlora_cpu")
-    run_distributed(tmp_path / "distributed", QLORA)
+    run_distributed(tmp_path / "distributed", QLORA, f"fsdp_shard_frozen_weights={shard_frozen}")
     assert_same_training(tmp_path / "distributed", tmp_path / "single")
+
+
+def check_frozen_base_left_whole(rank: int, rendezvous: str) -> None:
+    """One of two processes: after shard_model(shard_frozen=False) and load_sharded_checkpoint, of
+    the tiny LoRA and QLoRA models, each frozen weight is a plain tensor holding the whole
+    checkpoint tensor (NF4: quantized whole, as on one device), each adapter a DTensor of which
+    this process holds half the rows; gathering for saving gives rank 0 the frozen weights as loaded."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        name, config = LORA
+        for builder in ("lora_llama3_1_tiny", "qlora_llama3_1_tiny"):
+            cfg = load_recipe_config(config, read_declarations(get_recipe(name).path).keys,
+                                     [f"model._component_=tunelite.models.{builder}"])
+            checkpointer = instantiate(cfg.checkpointer)
+            with torch.device("meta"):
+                model = instantiate(cfg.model)
+            init_adapters(model, torch.float32)
+            set_trainable_params(model)
+            shard_model(model, torch.device("cpu"), torch.float32, True, shard_frozen=False)
+            load_sharded_checkpoint(model, checkpointer, torch.device("cpu"), torch.float32)
+            checkpoint, quantized = checkpointer.load(model.args), loading.nf4_weight_names(model)
+            assert bool(quantized) == builder.startswith("qlora")
+            expected = {key: value.float() for key, value in checkpoint.items()}
+            expected.update({key: dequantize(quantize_nf4(expected[key])) for key in quantized})
+            for key, param in model.named_parameters():
+                if param.requires_grad:
+                    assert isinstance(param, DTensor) and tuple(param.placements) == (Shard(0),), key
+                    assert param.to_local().shape[0] < param.shape[0], key
+                else:
+                    assert not isinstance(param, DTensor) and isinstance(param, NF4Tensor) == (key in quantized), key
+                    assert torch.equal(dequantize(param), expected[key]), key
+            gathered = gather_full_state_dict(model, keep=lambda key: key in expected)
+            assert gathered.keys() == (expected.keys() if rank == 0 else set())
+            assert all(torch.equal(gathered[key], expected[key]) for key in gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_model_leaves_the_frozen_base_whole_and_shards_the_adapters(tmp_path):
+    torch.multiprocessing.spawn(check_frozen_base_left_whole, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
 def children(pid: int) -> list[int]:

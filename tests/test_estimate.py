@@ -410,6 +410,28 @@ def test_without_resharding_after_forward_every_layer_stays_gathered(config_only
         extra_layers * sizes("full_fsdp")["layer"], abs=1)
 
 
+def test_a_frozen_base_left_whole_weighs_on_each_gpu_what_it_weighs_on_one(config_only, capsys):
+    one = model_over(config_only, "lora_fsdp", 1).estimate(uniform(RECOMPUTE))
+    default, sharded, whole = (model_over(config_only, "lora_fsdp", 2, *flag).estimate(uniform(RECOMPUTE))
+                               for flag in ([], ["fsdp_shard_frozen_weights=True"], ["fsdp_shard_frozen_weights=False"]))
+    assert sharded == default  # True is today's sharding, whose figures the tests above check
+    size = sizes("lora_fsdp")
+    root_trained = size["trained"] - LLAMA3_1_8B.num_layers * size["layer trained"]
+    # The frozen base whole, as on one GPU; gathered, only the adapters of the root and of the layer
+    # in backward and the one prefetched.
+    assert whole.components[WEIGHTS] == pytest.approx(
+        one.components[WEIGHTS] + root_trained + 2 * size["layer trained"], abs=1)
+    assert whole.components[WEIGHTS] > sharded.components[WEIGHTS]
+    for part in (ADAPTER, GRADIENTS, OPTIMIZER, ACTIVATIONS):
+        assert whole.components[part] == sharded.components[part], part
+    given = ["--config", "llama3_1/8B_lora", f"checkpointer.checkpoint_dir={config_only}"]
+    printed = []
+    for nproc in (["--nproc-per-node", "1"], ["--nproc-per-node", "2", "fsdp_shard_frozen_weights=False"]):
+        assert main(["estimate", "lora_finetune_distributed", *given, *nproc]) == 0
+        printed.append(re.search(r"^  weights +(\d+\.\d\d GiB) +(.*)$", capsys.readouterr().out, re.M).groups())
+    assert printed[1][0] == printed[0][0] and "whole on every GPU" in printed[1][1]
+
+
 def test_more_processes_fit_a_plan_that_keeps_more_layers(config_only):
     assert model_over(config_only, "full_fsdp", 1).fastest_plan(42 * GIB) is None
     kept = [model_over(config_only, "full_fsdp", n).fastest_plan(42 * GIB)[0].layers.count(KEEP) for n in (2, 4, 8)]

@@ -216,6 +216,7 @@ RECIPE_KEYS: dict[str, KeySpec] = {
     "enable_activation_checkpointing": KeySpec("bool"),
     "optimizer_in_bwd": KeySpec("bool"),
     "fsdp_reshard_after_forward": KeySpec("bool"),
+    "fsdp_shard_frozen_weights": KeySpec("bool"),
     "save_merged_model": KeySpec("bool"),
     "resume_from_checkpoint": KeySpec({"union": ["bool", "str"]}),
     "log_peak_memory_stats": KeySpec("bool"),

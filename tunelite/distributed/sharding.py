@@ -3,7 +3,9 @@ each rank's shards from the checkpoint, and gather whole tensors back for saving
 
 Each rank holds 1/N of every weight, the frozen base included, and all-gathers one transformer
 layer at a time for its forward and backward; the gradients of what trains are summed across
-ranks (reduce-scatter), so every rank steps its shard of the same weights.
+ranks (reduce-scatter), so every rank steps its shard of the same weights. With `shard_frozen`
+False, the frozen weights are left out of FSDP (its `ignored_params`): each rank holds them whole,
+as plain tensors, and only what trains is sharded, gathered and reduced.
 """
 
 from pathlib import Path
@@ -63,7 +65,7 @@ def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 def shard_model(
     model: TransformerDecoder, device: torch.device, dtype: torch.dtype, reshard_after_forward: bool,
-    cpu_offload: bool = False,
+    cpu_offload: bool = False, shard_frozen: bool = True,
 ) -> None:
     """fully_shard each transformer layer, then the root (embedding, final norm, output projection).
 
@@ -73,14 +75,22 @@ def shard_model(
     so the sum is the single-device gradient. Parameters are gathered, and gradients reduced, in
     the dtypes of `mixed_precision`. With `cpu_offload` (FSDP2's CPUOffloadPolicy) the shards
     and their gradients live in pinned host memory, so the optimizer's state does too and it
-    steps on the CPU; each layer's shards are copied to the GPU to be gathered."""
+    steps on the CPU; each layer's shards are copied to the GPU to be gathered.
+
+    With `shard_frozen` False, the parameters that do not require gradients (set before this is
+    called) stay whole on every rank and are never gathered: no weight all-gathers of the frozen
+    base, for as much memory as one device holds it in. FSDP neither moves nor casts them, so the
+    loader gives them the training dtype and device."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp_policy = mixed_precision(dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # None, not an empty set, when everything is sharded: fully_shard then manages every submodule as before.
+    ignored = None if shard_frozen else {p for p in model.parameters() if not p.requires_grad}
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
-                    reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
+                    reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False,
+                ignored_params=ignored)
     register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -94,17 +104,22 @@ def load_sharded_checkpoint(
 ) -> None:
     """Fills a sharded meta-device model from the checkpoint: every rank reads the memory-mapped
     files and keeps its own rows of each tensor, cut on the CPU, so no GPU ever holds more than
-    its shards. QLoRA weights are quantized whole, one tensor at a time on the device, and then
-    cut: NF4's scales are computed over the whole tensor."""
+    its shards; a weight shard_model left whole (`shard_frozen` False) is kept whole. QLoRA weights
+    are quantized whole, one tensor at a time on the device, and then cut: NF4's scales are
+    computed over the whole tensor. One left whole is quantized as on one device (and never given
+    a dtype after: NF4Tensor.to(dtype) dequantizes)."""
     world_size = torch.distributed.get_world_size()
     quantized = nf4_weight_names(model)
     shards = model.state_dict()
     state = {}
     for key, value in load_fitting(model, checkpointer).items():
-        if key in quantized:
-            state[key] = local_shard(quantize_nf4(value.to(device=device, dtype=dtype), shards=world_size), shards[key])
+        like = shards.get(key)
+        if key in quantized and isinstance(like, DTensor):
+            state[key] = local_shard(quantize_nf4(value.to(device=device, dtype=dtype), shards=world_size), like)
+        elif key in quantized:
+            state[key] = quantize_nf4(value.to(device=device, dtype=dtype))
         else:
-            state[key] = local_shard(value, shards.get(key), device, dtype)
+            state[key] = local_shard(value, like, device, dtype)
     assign_checkpoint(model, state, checkpointer.checkpoint_dir, device, dtype)
 
 
@@ -118,8 +133,9 @@ def reshard(model: nn.Module) -> None:
 
 def gather_full_state_dict(model: nn.Module, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     """The kept tensors whole, on the CPU and NF4 dequantized, on rank 0; an empty dict on the other
-    ranks. Every rank must call it: each tensor is all-gathered, one at a time, so gathering the
-    adapters moves only them, not the base weights."""
+    ranks. Every rank must call it: each sharded tensor is all-gathered, one at a time, so gathering
+    the adapters moves only them, not the base weights. A tensor shard_model left whole is already
+    whole on rank 0 and moves nowhere."""
     reshard(model)
     gathered = {}
     for key, value in model.state_dict().items():
@@ -130,7 +146,7 @@ def gather_full_state_dict(model: nn.Module, keep: Callable[[str], bool] = lambd
             value = DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
                                        stride=value.stride()).full_tensor()
         if is_main_process():
-            gathered[key] = value.detach().cpu()
+            gathered[key] = dequantize(value).detach().cpu()
     return gathered
 
 

@@ -343,14 +343,17 @@ class Sharding:
     unit, the weights outside the layers (embedding, final norm, output projection), is gathered
     from the forward to the end of the backward, since the loss applies the output projection
     after the forward returns. A unit's gradients are reduce-scattered after its backward, through
-    an input buffer in the reduce dtype that lives until the next unit's; the root's, at the end."""
+    an input buffer in the reduce dtype that lives until the next unit's; the root's, at the end.
+    With fsdp_shard_frozen_weights: False only the trained weights are sharded and gathered; the
+    frozen ones are whole on every GPU, counted with the persistent weights."""
 
     world_size: int
-    root_weights: float  # bytes of the weights outside the layers, whole
-    layer_weights: float  # bytes of one layer's weights, whole (NF4 as stored: FSDP gathers its codes)
+    root_weights: float  # bytes of the sharded weights outside the layers, whole
+    layer_weights: float  # bytes of one layer's sharded weights, whole (NF4 as stored: FSDP gathers its codes)
     reshard_after_forward: bool  # False: every layer stays gathered from its forward to its backward
     root_reduce: float  # the root's trained weights' unsharded gradients and their reduce-scatter input
     host_state: int  # fsdp_cpu_offload: the shards of weights, gradients and optimizer state in host memory
+    frozen_sharded: bool = True  # fsdp_shard_frozen_weights: False leaves the frozen weights whole, never gathered
 
     def gathered(self, moment: str, num_layers: int) -> tuple[float, str]:
         """Bytes of the weights gathered whole at `moment`, and which they are."""
@@ -360,9 +363,10 @@ class Sharding:
             layers = num_layers
         else:  # the layer in backward and the one prefetched
             layers = min(2, num_layers) if moment == IN_LAYER else 0
-        return (self.root_weights + layers * self.layer_weights,
-                f"the embedding, final norm, output projection and {layers} layers" if layers
-                else "the embedding, final norm and output projection")
+        units = (f"the embedding, final norm, output projection and {layers} layers" if layers
+                 else "the embedding, final norm and output projection")
+        return self.root_weights + layers * self.layer_weights, units if self.frozen_sharded else (
+            f"the trained weights of {units}")
 
 
 @dataclass(frozen=True)
@@ -597,7 +601,9 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
       optimizer    the state of 1/N of each trained tensor
       activations  as on one device: batch_size is per process
       host         with fsdp_cpu_offload, the shards of weights, gradients (p) and optimizer state
-                   are in host memory, not on the GPU (`MemoryEstimate.host_state`, per process)"""
+                   are in host memory, not on the GPU (`MemoryEstimate.host_state`, per process)
+    With fsdp_shard_frozen_weights: False, the frozen weights are whole on every GPU (as on one
+    device) and only the trained ones are sharded and gathered: R and l count only those."""
     with torch.device("meta"):
         model = instantiate(cfg.model)
     # Without the checkpoint (yet), the builder's own sizes: an estimate helps decide what to download.
@@ -661,15 +667,22 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
     if world_size > 1:  # FSDP2, as `Sharding` says
         offload, accumulates = bool(cfg.get("fsdp_cpu_offload", False)), cfg.get("gradient_accumulation_steps", 1) > 1
         reduce_bytes = (mixed_precision(dtype).reduce_dtype or dtype).itemsize
+        # What shard_model shards: everything, or with fsdp_shard_frozen_weights: False what trains.
+        frozen_sharded = bool(cfg.get("fsdp_shard_frozen_weights", True))
+        sharded = {n for n in params if frozen_sharded or n in trained}
+        whole = sum(stored[n] for n in params if n not in sharded)  # on every GPU, never gathered
         in_layers = {id(t) for t in model.layers.parameters()}
-        root = [n for n, t in params.items() if id(t) not in in_layers]
-        shards = {WEIGHTS: weights / world_size, ADAPTER: adapter / world_size, OPTIMIZER: state}
+        root = [n for n, t in params.items() if id(t) not in in_layers and n in sharded]
+        shards = {WEIGHTS: (weights - whole) / world_size, ADAPTER: adapter / world_size, OPTIMIZER: state}
         sharding = Sharding(
-            world_size, sum(stored[n] for n in root), sum(stored[f"layers.0.{n}"] for n in layer_params),
+            world_size, sum(stored[n] for n in root),
+            sum(stored[f"layers.0.{n}"] for n in layer_params if f"layers.0.{n}" in sharded),
             bool(cfg.get("fsdp_reshard_after_forward", True)),
             root_reduce=sum(params[n].numel() for n in root if n in trained) * (p + reduce_bytes),
-            host_state=int(sum(shards.values()) + trained_bytes / world_size) if offload else 0)
-        persistent = dict.fromkeys(shards, 0.0) if offload else shards
+            host_state=int(sum(shards.values()) + trained_bytes / world_size) if offload else 0,
+            frozen_sharded=frozen_sharded)
+        on_gpu = dict.fromkeys(shards, 0.0) if offload else shards
+        persistent = {**on_gpu, WEIGHTS: on_gpu[WEIGHTS] + whole}
         if accumulates:
             # Gradient sync only on a step's last micro-batch (set_gradient_sync): until its
             # reduce-scatter, each gradient is kept whole, accumulated in the reduce dtype.
@@ -679,7 +692,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         # A layer's gradients whole, and the reduce-scatter input (reduce dtype) of the layer after it.
         layer_grads = sum(layer_trained) / p * (p + reduce_bytes)
         details.update(_sharded_details(details, world_size, offload, accumulates, optimizer.name,
-                                        sum(params[n].numel() for n in trained)))
+                                        sum(params[n].numel() for n in trained), frozen_sharded))
         notes += ("NCCL's own buffers, outside PyTorch's allocator, are not counted",)
     return MemoryModel(
         recipe, args, cfg.dtype, p, cfg.batch_size, seq,
@@ -693,11 +706,12 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
 
 
 def _sharded_details(details: dict[str, str], world_size: int, offload: bool, accumulates: bool, optimizer: str,
-                     trained_values: int) -> dict[str, str]:
+                     trained_values: int, frozen_sharded: bool) -> dict[str, str]:
     """The details of the components FSDP2 shards, for one process."""
     where = "shards in host memory (fsdp_cpu_offload)" if offload else f"1/{world_size} each"
+    weights_where = where if frozen_sharded else "whole on every GPU (fsdp_shard_frozen_weights: False)"
     return {
-        WEIGHTS: f"{details[WEIGHTS]}, {where}",
+        WEIGHTS: f"{details[WEIGHTS]}, {weights_where}",
         ADAPTER: details[ADAPTER] and f"{details[ADAPTER]}, {where}",
         GRADIENTS: ("every trained value whole, accumulated in the reduce dtype until a step's last micro-batch"
                     if accumulates else f"every trained value, {where}"),

@@ -57,7 +57,6 @@ from tunelite.modules.memory_policy import (
     RECOMPUTE_ATTENTION,
     RECOMPUTE_OFFLOAD,
     RECOMPUTE_OFFLOAD_ATTENTION,
-    keeps_attention,
     offloads,
     uniform_policies,
 )
@@ -261,7 +260,8 @@ def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int, adapters: dict[st
     ]
     mlp = [
         d * p,  # mlp_norm output: input of w1 and w3
-        # gated: w1 and w3 outputs, act(w1 x) (not when compiled), their product (w2's input); plain: w1's output and act's
+        # gated: w1 and w3 outputs, act(w1 x) (not when compiled), their product (w2's input);
+        # plain: w1's output and act's
         *[inter * p] * ((4 if args.gated_mlp else 2) - compiled),
         *([d * p] if args.post_norms else []),  # the MLP output: Gemma's post-norm input
         4 * norms,  # the norms' 1 / rms (fp32)
@@ -324,9 +324,9 @@ def _ordered_plan(layers: int, recomputed: int, offloaded: int, kept_attention: 
     """The first layers kept, then `recomputed` layers: the first `offloaded` of those offloaded, the
     first `kept_attention` keeping their attention output."""
     policies = [KEEP] * (layers - recomputed)
-    for i in range(recomputed):
-        policies.append({(True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
-                         (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}[i < offloaded, i < kept_attention])
+    by_choice = {(True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
+                 (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}
+    policies += [by_choice[i < offloaded, i < kept_attention] for i in range(recomputed)]
     return MemoryPlan(tuple(policies), mlp_chunk_tokens)
 
 

@@ -9,6 +9,14 @@
 #   bash benchmarks/gpu_tables.sh 4   # after them: budget rows under the estimate's new reserve | LoRA scaling, more steps
 #   bash benchmarks/gpu_tables.sh 5   # torchtune compiled LoRA/QLoRA, ours under a budget (kept attention outputs,
 #                                     # QLoRA's 4-bit saves) | the CPU AdamW kernels, torchtune full, ours full (fp32, bf16)
+#   bash benchmarks/gpu_tables.sh 6   # Unsloth at 32k | ours QLoRA/LoRA long rows; then LoRA on 1 vs 2 GPUs, frozen base
+#                                     # sharded and replicated (fsdp_shard_frozen_weights: False)
+#   bash benchmarks/gpu_tables.sh 7   # call 5 again after its fixes: torchtune compiled LoRA/QLoRA, ours under a budget
+#                                     # (the compiled estimate) | torchtune full, ours full (one-pass accumulation)
+#   bash benchmarks/gpu_tables.sh 8   # torchtune compiled QLoRA | LoRA, each beside ours under a budget planned as
+#                                     # compiled; then LoRA on 1 vs 2 GPUs with the base replicated, and a profile
+#   bash benchmarks/gpu_tables.sh 9   # LoRA on 1 vs 2 GPUs, base replicated, compiled
+#   bash benchmarks/gpu_tables.sh 10  # no communication: the single-device LoRA recipe alone, then on both GPUs at once
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -174,7 +182,94 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
+6)
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        echo "== unsloth at ${SECONDS}s"
+        LIMIT=230 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768,49152 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        row long-rows 200 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora:16384,qlora:65536,lora:32768 \
+            --time-limit 250
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    for variant in "1 --accumulation 2" "2" "2 fsdp_shard_frozen_weights=False"; do
+        set -- $variant
+        gpus=$1; shift
+        row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
+            benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 --warmup 3 "$@"
+    done > "$OUT/distributed.log" 2>&1
+    ;;
+7)
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout $(( $(left) - 240 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        row budget-rows 200 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
+            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        echo "== cpu-kernels"
+        timeout 60 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 3 2>&1 | tail -14
+        SEQ=2048 STEPS=6 timeout $(( $(left) - 300 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+        for dtype in bf16 fp32; do
+            row "full-single-$dtype" 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 \
+                --warmup 1 --accumulation-dtype $dtype
+        done
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+8)
+    ckpt
+    for kind in qlora lora; do
+        (
+            export CUDA_VISIBLE_DEVICES=$([ $kind = qlora ] && echo 0 || echo 1)
+            SEQ=2048 STEPS=10 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK ${kind}_compile
+            cp /tmp/tt_${kind}_compile/logs/*.txt "$OUT/" 2>/dev/null
+            row $kind-budget 100 python3 benchmarks/long_context_bench.py $CK --rows $kind-budget --steps 8 --warmup 3 \
+                --time-limit 160
+        ) > "$OUT/gpu-$kind.log" 2>&1 &
+    done
+    wait
+    for variant in "1 --accumulation 2" "2"; do
+        set -- $variant
+        gpus=$1; shift
+        row "lora-distributed-${gpus}gpu replicated $*" 45 python3 -m torch.distributed.run --standalone \
+            --nproc_per_node $gpus benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 \
+            --warmup 3 fsdp_shard_frozen_weights=False "$@"
+    done > "$OUT/distributed.log" 2>&1
+    row profile 50 python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/recipe_bench.py \
+        lora_finetune_distributed llama3_1/8B_lora $CK --steps 8 --warmup 3 fsdp_shard_frozen_weights=False \
+        "+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, output_dir: /tmp/prof, wait: 4, warmup: 1, active: 2}"
+    python3 benchmarks/trace_summary.py "$(ls /tmp/prof/trace_step*.json | head -1)" 2>&1 | head -40 > "$OUT/profile.log"
+    ;;
+9)
+    ckpt
+    for variant in "1 --accumulation 2" "2"; do
+        set -- $variant
+        gpus=$1; shift
+        row "lora-distributed-${gpus}gpu replicated compiled $*" 60 python3 -m torch.distributed.run --standalone \
+            --nproc_per_node $gpus benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 12 \
+            --warmup 4 fsdp_shard_frozen_weights=False compile=True "$@"
+    done > "$OUT/distributed.log" 2>&1
+    ;;
+10)
+    ckpt
+    single="$BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=False --steps 10 --warmup 3"
+    CUDA_VISIBLE_DEVICES=0 row single-alone 40 $single > "$OUT/alone.log" 2>&1
+    for gpu in 0 1; do CUDA_VISIBLE_DEVICES=$gpu row "single-both-gpu$gpu" 40 $single > "$OUT/both$gpu.log" 2>&1 & done
+    wait
+    ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"
 cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads" | cut -c1-400
+[ -f "$OUT/profile.log" ] && cat "$OUT/profile.log"
 for f in "$OUT"/*.txt; do [ -f "$f" ] && echo "$f" && tail -4 "$f" | cut -c1-300; done

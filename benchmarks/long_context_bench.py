@@ -140,7 +140,9 @@ class Trainee:
 
 def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int) -> str:
     """Sets the row's plan on the model, times its steps, and returns its RESULT fields."""
-    overrides = ["enable_activation_checkpointing=True", *([f"+memory_budget_gib={cap_gib}"] if row.budget else [])]
+    # compile as the row runs, so that the plan is chosen as a compiled run's (the estimate knows what inductor keeps)
+    overrides = ["enable_activation_checkpointing=True", f"compile={row.compile}",
+                 *([f"+memory_budget_gib={cap_gib}"] if row.budget else [])]
     cfg = trainee.cfg(row.batch, row.seq, *overrides)
     plan = plan_memory(cfg, {"trains": "adapters"}, len(trainee.model.layers), trainee.device, True, False,
                        cfg.get("memory_budget_gib"))

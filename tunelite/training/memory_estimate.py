@@ -76,7 +76,7 @@ ACTIVATIONS, LOSS, WORKSPACE, OVERHEAD = "activations", "logits/loss", "workspac
 # The moments a step's memory can peak at.
 IN_LAYER, IN_LOSS, OUTPUT_GRADIENT = ("backward through a layer", "the loss's backward",
                                       "summing the output projection's gradient")
-REDUCING_ROOT = "reduce-scattering the embedding's and output projection's gradients"
+REDUCING_ROOT = "reduce-scattering the root unit's gradients (the embedding's and output projection's, or all)"
 
 # cuBLAS's workspace on Hopper (CUBLAS_WORKSPACE_CONFIG=:4096:8), allocated through PyTorch's allocator.
 CUBLAS_WORKSPACE = 32 * 2**20
@@ -353,20 +353,21 @@ class Sharding:
     reshard_after_forward: bool  # False: every layer stays gathered from its forward to its backward
     root_reduce: float  # the root's trained weights' unsharded gradients and their reduce-scatter input
     host_state: int  # fsdp_cpu_offload: the shards of weights, gradients and optimizer state in host memory
-    frozen_sharded: bool = True  # fsdp_shard_frozen_weights: False leaves the frozen weights whole, never gathered
+    frozen_sharded: bool = True  # False: the frozen weights whole, never gathered; what trains one unit
 
     def gathered(self, moment: str, num_layers: int) -> tuple[float, str]:
         """Bytes of the weights gathered whole at `moment`, and which they are."""
         if moment == REDUCING_ROOT:  # every unit has been resharded after its backward
             return 0, ""
+        if not self.frozen_sharded:  # one unit, the trained weights, gathered from forward to backward's end
+            return self.root_weights, "every trained weight"
         if not self.reshard_after_forward:
             layers = num_layers
         else:  # the layer in backward and the one prefetched
             layers = min(2, num_layers) if moment == IN_LAYER else 0
-        units = (f"the embedding, final norm, output projection and {layers} layers" if layers
-                 else "the embedding, final norm and output projection")
-        return self.root_weights + layers * self.layer_weights, units if self.frozen_sharded else (
-            f"the trained weights of {units}")
+        return (self.root_weights + layers * self.layer_weights,
+                f"the embedding, final norm, output projection and {layers} layers" if layers
+                else "the embedding, final norm and output projection")
 
 
 @dataclass(frozen=True)
@@ -514,7 +515,8 @@ class MemoryModel:
                           for kept in range(recomputed + 1 if attention else 1)))
         for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
             for _, recomputed, kept in choices:
-                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk) for offloaded in range(recomputed + 1)]
+                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk)
+                         for offloaded in range(recomputed + 1)]
                 if self.estimate(plans[-1], batch, seq).total > budget:
                     continue  # not even with every recomputed layer offloaded
                 for plan in plans:
@@ -671,12 +673,14 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         frozen_sharded = bool(cfg.get("fsdp_shard_frozen_weights", True))
         sharded = {n for n in params if frozen_sharded or n in trained}
         whole = sum(stored[n] for n in params if n not in sharded)  # on every GPU, never gathered
-        in_layers = {id(t) for t in model.layers.parameters()}
+        # The root unit: the weights outside the layers, or with the frozen weights whole every
+        # trained weight (shard_model then makes no unit per layer).
+        in_layers = {id(t) for t in model.layers.parameters()} if frozen_sharded else set()
         root = [n for n, t in params.items() if id(t) not in in_layers and n in sharded]
         shards = {WEIGHTS: (weights - whole) / world_size, ADAPTER: adapter / world_size, OPTIMIZER: state}
         sharding = Sharding(
             world_size, sum(stored[n] for n in root),
-            sum(stored[f"layers.0.{n}"] for n in layer_params if f"layers.0.{n}" in sharded),
+            sum(stored[f"layers.0.{n}"] for n in layer_params if f"layers.0.{n}" in sharded) if frozen_sharded else 0,
             bool(cfg.get("fsdp_reshard_after_forward", True)),
             root_reduce=sum(params[n].numel() for n in root if n in trained) * (p + reduce_bytes),
             host_state=int(sum(shards.values()) + trained_bytes / world_size) if offload else 0,
@@ -687,10 +691,12 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
             # Gradient sync only on a step's last micro-batch (set_gradient_sync): until its
             # reduce-scatter, each gradient is kept whole, accumulated in the reduce dtype.
             resident_grads = trained_bytes / p * reduce_bytes
+        elif not frozen_sharded:  # one unit: every gradient whole until the backward's end
+            resident_grads = trained_bytes
         else:
             resident_grads = 0.0 if offload else trained_bytes / world_size
         # A layer's gradients whole, and the reduce-scatter input (reduce dtype) of the layer after it.
-        layer_grads = sum(layer_trained) / p * (p + reduce_bytes)
+        layer_grads = sum(layer_trained) / p * (p + reduce_bytes) if frozen_sharded else 0.0
         details.update(_sharded_details(details, world_size, offload, accumulates, optimizer.name,
                                         sum(params[n].numel() for n in trained), frozen_sharded))
         notes += ("NCCL's own buffers, outside PyTorch's allocator, are not counted",)

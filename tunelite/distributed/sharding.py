@@ -82,10 +82,10 @@ def shard_model(
     With `shard_frozen` False, the parameters that do not require gradients (set before this is
     called) stay whole on every rank and are never gathered: no weight all-gathers of the frozen
     base, for as much memory as one device holds it in. FSDP neither moves nor casts them, so the
-    loader gives them the training dtype and device. What trains is then the root's alone: the
-    per-layer units' collectives, each a point where the ranks wait for one another, cost the
-    2-GPU LoRA step ~30% of a GPU's throughput (measured: one process per GPU without
-    communication keeps all of it)."""
+    loader gives them the training dtype and device. What trains is then the root's alone, one
+    unit: with a unit per layer, the 2-GPU LoRA step kept ~70% of a GPU's throughput, where two
+    single-device runs side by side keep all of it, so the per-layer collectives (each a point
+    where the ranks wait for one another) are the suspect; one unit has two a step."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp_policy = mixed_precision(dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()

@@ -45,6 +45,17 @@ row() {
     timeout "$t" "$@" 2>&1 | grep -E "^RESULT|Error|error:|out of memory" | grep -v "^W" | tail -8
 }
 BENCH="python3 benchmarks/recipe_bench.py"
+# lora_rows STEPS WARMUP VARIANT...: the distributed LoRA recipe once per VARIANT, "GPUS [ARGS...]",
+# on the same global batch (4 x 2048: one GPU runs it with --accumulation 2).
+lora_rows() {
+    local steps=$1 warmup=$2 variant gpus; shift 2
+    for variant in "$@"; do
+        set -- $variant
+        gpus=$1; shift
+        row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
+            benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps $steps --warmup $warmup "$@"
+    done
+}
 
 ckpt() {
     if [ ! -f $CK/model.safetensors.index.json ]; then
@@ -139,12 +150,7 @@ case $CALL in
     # After the three: the estimate's smaller allocator reserve under a budget, and the LoRA scaling
     # over more steps, with and without re-gathering the frozen base in backward.
     ckpt
-    for variant in "1 --accumulation 2" "2" "2 fsdp_reshard_after_forward=False"; do
-        set -- $variant
-        gpus=$1; shift
-        row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
-            benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 --warmup 3 "$@"
-    done > "$OUT/distributed.log" 2>&1
+    lora_rows 10 3 "1 --accumulation 2" "2" "2 fsdp_reshard_after_forward=False" > "$OUT/distributed.log" 2>&1
     (
         export CUDA_VISIBLE_DEVICES=0
         row qlora-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-budget --steps 4 \
@@ -157,7 +163,8 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
-5)
+5|7)
+    # call 7: call 5 again, after the fixes call 5 led to
     python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
     ckpt
     (
@@ -171,7 +178,7 @@ case $CALL in
     (
         export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
         echo "== cpu-kernels"
-        timeout 60 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 3 2>&1 | tail -12
+        timeout 60 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 3 2>&1 | tail -14
         SEQ=2048 STEPS=6 timeout $(( $(left) - 300 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
         cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
         grep MemAvailable /proc/meminfo
@@ -196,36 +203,7 @@ case $CALL in
             --time-limit 250
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
-    for variant in "1 --accumulation 2" "2" "2 fsdp_shard_frozen_weights=False"; do
-        set -- $variant
-        gpus=$1; shift
-        row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
-            benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 --warmup 3 "$@"
-    done > "$OUT/distributed.log" 2>&1
-    ;;
-7)
-    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    (
-        export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout $(( $(left) - 240 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
-        row budget-rows 200 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
-            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
-    ) > "$OUT/gpu0.log" 2>&1 &
-    (
-        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        echo "== cpu-kernels"
-        timeout 60 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 3 2>&1 | tail -14
-        SEQ=2048 STEPS=6 timeout $(( $(left) - 300 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
-        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
-        for dtype in bf16 fp32; do
-            row "full-single-$dtype" 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 \
-                --warmup 1 --accumulation-dtype $dtype
-        done
-    ) > "$OUT/gpu1.log" 2>&1 &
-    wait
+    lora_rows 10 3 "1 --accumulation 2" "2" "2 fsdp_shard_frozen_weights=False" > "$OUT/distributed.log" 2>&1
     ;;
 8)
     ckpt
@@ -239,13 +217,8 @@ case $CALL in
         ) > "$OUT/gpu-$kind.log" 2>&1 &
     done
     wait
-    for variant in "1 --accumulation 2" "2"; do
-        set -- $variant
-        gpus=$1; shift
-        row "lora-distributed-${gpus}gpu replicated $*" 45 python3 -m torch.distributed.run --standalone \
-            --nproc_per_node $gpus benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 10 \
-            --warmup 3 fsdp_shard_frozen_weights=False "$@"
-    done > "$OUT/distributed.log" 2>&1
+    lora_rows 10 3 "1 --accumulation 2 fsdp_shard_frozen_weights=False" "2 fsdp_shard_frozen_weights=False" \
+        > "$OUT/distributed.log" 2>&1
     row profile 50 python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/recipe_bench.py \
         lora_finetune_distributed llama3_1/8B_lora $CK --steps 8 --warmup 3 fsdp_shard_frozen_weights=False \
         "+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, output_dir: /tmp/prof, wait: 4, warmup: 1, active: 2}"
@@ -253,13 +226,8 @@ case $CALL in
     ;;
 9)
     ckpt
-    for variant in "1 --accumulation 2" "2"; do
-        set -- $variant
-        gpus=$1; shift
-        row "lora-distributed-${gpus}gpu replicated compiled $*" 60 python3 -m torch.distributed.run --standalone \
-            --nproc_per_node $gpus benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps 12 \
-            --warmup 4 fsdp_shard_frozen_weights=False compile=True "$@"
-    done > "$OUT/distributed.log" 2>&1
+    lora_rows 12 4 "1 --accumulation 2 fsdp_shard_frozen_weights=False compile=True" \
+        "2 fsdp_shard_frozen_weights=False compile=True" > "$OUT/distributed.log" 2>&1
     ;;
 10)
     ckpt

@@ -21,6 +21,7 @@ from tunelite.errors import ResourceError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
 from tunelite.runtime import host
+from tunelite.training import offload_optimizer
 from tunelite.training.offload_optimizer import (
     OverlappedCPUAdamW,
     _StagingRing,
@@ -92,6 +93,32 @@ def test_trains_as_torch_adamw_with_accumulation_clipping_and_a_schedule(accumul
     if clip is None:  # the same kernel on the same accumulated gradients: the same bits
         assert max_difference(model, fused) == 0
     optimizer.close()
+
+
+def test_the_norm_is_taken_with_the_last_micro_batch_once_the_step_count_is_known(monkeypatch):
+    """After a step, the worker takes each gradient's norm as the last micro-batch lands, so the
+    loop's norm waits for no pass of its own; a step with another count still gets its true norm."""
+    windows = [micro_batches(1, count, seed=i)[0] for i, count in enumerate((3, 3, 3, 2, 4))]
+    model = random_model()
+    plain = copy.deepcopy(model)
+    optimizer = overlapped_cpu_adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000)
+    after_backward = []  # parameters whose norm the loop's call had to take itself, per step
+    real = offload_optimizer.squared_norm
+    monkeypatch.setattr(offload_optimizer, "squared_norm", lambda *args: after_backward.append(1) or real(*args))
+    schedule, taken = cosine_schedule_with_warmup(optimizer, 2, len(windows)), []
+    for window in windows:
+        backward(model, window)
+        before = len(after_backward)
+        optimizer.clip_grads_with_norm_(0.05, optimizer.total_grad_norm())
+        taken.append(len(after_backward) - before)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    train_reference(plain, torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=WEIGHT_DECAY), windows, 0.05)
+    assert max_difference(model, plain) < 1e-6
+    parameters = len(list(model.parameters()))
+    # the first step, and each step whose count differs from the one before, take them after backward
+    assert taken == [parameters, 0, 0, parameters, parameters]
 
 
 def test_state_dict_resumes_to_the_same_bits_from_bf16_weights():

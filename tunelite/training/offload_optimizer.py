@@ -7,10 +7,12 @@ memory, and the CPU runs the update while the GPU computes. For each parameter p
   backward  p's gradient is complete: its post-accumulate-grad hook copies it (on a side CUDA
             stream) into a pinned staging ring and frees the GPU gradient at once;
   worker    once the copy has landed, adds it into p's host accumulator (the first micro-batch
-            of a step copies), one pass over each;
+            of a step copies), one pass over each; at the last micro-batch (as many as the step
+            before had) it takes the accumulated gradient's squared norm in the same pass;
   step      after the last micro-batch: `total_grad_norm()` waits for the last gradients and
-            takes the accumulated gradients' norm (one read of each, a step), clipping becomes a scale applied inside the update, and the updates are queued in
-            forward order (embedding first);
+            adds up their norms (taking any the worker could not foresee), clipping becomes a
+            scale applied inside the update, and the updates are queued in forward order
+            (embedding first);
   worker    fused CPU AdamW on p's fp32 master and moments, chunk by chunk; the new weights, in
             the model's dtype, go into the accumulator's memory (free until p's next gradient)
             and are copied to the GPU on a second side stream, with an event recorded;
@@ -101,8 +103,8 @@ def forward_blocks(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass(eq=False)
 class _Slot:
-    """One parameter's host state. `landed` belongs to the worker thread; the main thread reads it
-    only after `_drain`."""
+    """One parameter's host state. `landed`, `sumsq` and `normed_at` belong to the worker thread;
+    the main thread reads them only after `_drain`."""
 
     index: int
     param: nn.Parameter
@@ -114,6 +116,8 @@ class _Slot:
     accum: torch.Tensor  # flat, pinned, accumulation dtype
     weights_out: torch.Tensor  # the same memory in the parameter's dtype: updated weights on their way back
     landed: int = 0  # gradients added into `accum` since the last update or zero_grad
+    sumsq: float = 0.0  # squared norm of `accum` when it held `normed_at` gradients
+    normed_at: int = 0  # 0: no norm taken since the last update or zero_grad
     ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
     sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
 
@@ -229,6 +233,7 @@ class OverlappedCPUAdamW:
         self._by_param = {slot.param: slot for slot in self._slots}
         self._grad_scale = 1.0
         self._overlapped = False
+        self._micro_batches = 0  # the last step's, at whose landing the worker takes each norm (0: unknown)
         if cuda:
             self._to_host, self._to_device = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
         self._worker = _Worker([self._pinned, self._ring.buffer] if cuda else [])
@@ -240,8 +245,13 @@ class OverlappedCPUAdamW:
         """The 2-norm of the step's gradients (summed over its micro-batches), once all have landed;
         NaN or inf when any gradient is not finite."""
         self._drain()
-        # The worker is idle after _drain and backward is over: its scratch is free for the norms.
-        sumsq = sum(squared_norm(slot.accum, self._scratch) for slot in self._slots if slot.landed)
+        landed = [slot for slot in self._slots if slot.landed]
+        # The worker took each norm with the last gradient where this step has as many micro-batches
+        # as the one before; the others are taken now (the worker is idle after _drain and backward
+        # is over, so its scratch is free).
+        sumsq = sum(slot.sumsq if slot.normed_at == slot.landed else squared_norm(slot.accum, self._scratch)
+                    for slot in landed)
+        self._micro_batches = max((slot.landed for slot in landed), default=0)
         return torch.tensor(math.sqrt(sumsq), dtype=torch.float32)
 
     def clip_grads_with_norm_(self, max_norm: float, total_norm: torch.Tensor) -> None:
@@ -395,8 +405,10 @@ class OverlappedCPUAdamW:
                 return
             if copied is not None:
                 copied.synchronize()
-            accumulate(slot.accum, region, not slot.landed, self._scratch)
+            last = slot.landed + 1 == self._micro_batches
+            slot.sumsq = accumulate(slot.accum, region, not slot.landed, self._scratch, norm=last)
             slot.landed += 1
+            slot.normed_at = slot.landed if last else 0
             self._emit("grad_copied", slot.index)
         finally:
             self._ring.release()
@@ -410,7 +422,7 @@ class OverlappedCPUAdamW:
             slot.step += 1
             adamw_update(slot.master, slot.accum, slot.exp_avg, slot.exp_avg_sq, slot.step, slot.weights_out,
                          self._scratch, settings, grad_scale)
-            slot.landed = 0
+            slot.landed = slot.normed_at = 0
             self._emit("stepped", slot.index)
             self._send(slot)
             self._emit("weight_copied", slot.index)
@@ -430,35 +442,46 @@ class OverlappedCPUAdamW:
 
     def _forget_gradients(self) -> None:
         for slot in self._slots:
-            slot.landed = 0
+            slot.landed = slot.normed_at = 0
 
     def _emit(self, kind: str, index: int) -> None:
         if self.on_event is not None:
             self.on_event(kind, index)
 
 
-def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor) -> None:
+def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor,
+               norm: bool = False) -> float:
     """Adds `grad` into `total` (copies it for the first micro-batch) in one pass over each: the
-    host's memory bandwidth is what a micro-batch waits on. Mixed dtypes go through the fp32
-    scratch chunk by chunk, since an in-place add of a bf16 tensor into an fp32 one makes a
-    whole-tensor fp32 copy on the CPU."""
-    if first:
-        total.copy_(grad)
-    elif grad.dtype == total.dtype:
-        total.add_(grad)
-    else:
-        for lo, hi in _chunks(total.numel(), scratch.numel()):
-            total[lo:hi].add_(scratch[:hi - lo].copy_(grad[lo:hi]))
+    host's memory bandwidth is what a micro-batch waits on. With `norm`, returns the squared norm
+    of the sum, taken chunk by chunk while each chunk is in cache (the chunks of `squared_norm`,
+    so the two agree to the bit); else 0. Mixed dtypes go through the fp32 scratch chunk by chunk,
+    since an in-place add of a bf16 tensor into an fp32 one makes a whole-tensor fp32 copy on the CPU."""
+    if not norm and (first or grad.dtype == total.dtype):
+        total.copy_(grad) if first else total.add_(grad)
+        return 0.0
+    sumsq = 0.0
+    for lo, hi in _chunks(total.numel(), scratch.numel()):
+        part, new = total[lo:hi], grad[lo:hi]
+        if first:
+            part.copy_(new)
+        elif new.dtype == part.dtype:
+            part.add_(new)
+        else:
+            part.add_(scratch[:hi - lo].copy_(new))
+        if norm:
+            sumsq += _squared(part, scratch)
+    return sumsq
 
 
 def squared_norm(values: torch.Tensor, scratch: torch.Tensor) -> float:
     """The sum of squares of `values` in fp32, chunk by chunk through the fp32 scratch when they
     are not fp32. Taken once a step, of the accumulated gradient, not once a micro-batch."""
-    total = 0.0
-    for lo, hi in _chunks(values.numel(), scratch.numel()):
-        part = values[lo:hi] if values.dtype == torch.float32 else scratch[:hi - lo].copy_(values[lo:hi])
-        total += float(torch.dot(part, part))
-    return total
+    return sum(_squared(values[lo:hi], scratch) for lo, hi in _chunks(values.numel(), scratch.numel()))
+
+
+def _squared(part: torch.Tensor, scratch: torch.Tensor) -> float:
+    part = part if part.dtype == torch.float32 else scratch[:part.numel()].copy_(part)
+    return float(torch.dot(part, part))
 
 
 def adamw_update(

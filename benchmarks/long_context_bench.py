@@ -12,6 +12,7 @@ the eager rows before the compiled ones, the most important first within each:
                       host memory, the MLP in chunks): 32768, 131072, 65536, 16384
   qlora-budget        batch 2 x 2048, memory_budget_gib = the cap, compiled
   qlora-plain         batch 2 x 2048, every layer recomputed, compiled: today's memory
+  qlora-compiled:SEQ  the same, the layers compiled (after the eager rows: one model, compiled once)
   qlora-packed:SEQ    batch 1 x SEQ of packed documents (256-4096 tokens each): FlexAttention's
                       block mask from document ids, compiled, on the GPU
   lora:SEQ, lora-budget, lora-plain     the same for LoRA 8B (bf16 base): 49152, 32768
@@ -90,6 +91,8 @@ def parse_rows(text: str, batch_seq: int, compile_batch_rows: bool) -> list[Row]
         kind, _, rest = name.partition(":")
         if kind in ("qlora", "lora") and rest.isdigit():
             rows.append(Row(name, kind, 1, int(rest), budget=True, compile=False))
+        elif kind in ("qlora-compiled", "lora-compiled") and rest.isdigit():
+            rows.append(Row(name, kind.split("-")[0], 1, int(rest), budget=True, compile=True))
         elif kind in ("qlora-packed", "lora-packed") and rest.isdigit():
             rows.append(Row(name, kind.split("-")[0], 1, int(rest), budget=True, compile=False, packed=True))
         elif re.fullmatch(r"(q?lora)-(budget|plain)", name):

@@ -218,15 +218,17 @@ def test_the_long_context_benchmark_runs_every_kind_of_row_on_the_cpu(monkeypatc
 
     monkeypatch.setattr(bench, "run_row", failing_row)
     bench.main([str(asset_path("tiny/model")), "--device", "cpu", "--qlora-config", "tiny/qlora_cpu",
-                "--lora-config", "tiny/lora_cpu", "--rows", "qlora:40,qlora-budget,qlora-packed:300,lora-plain",
+                "--lora-config", "tiny/lora_cpu", "--rows",
+                "qlora:40,qlora-budget,qlora-packed:300,qlora-compiled:40,lora-plain",
                 "--batch-seq", "8", "--cap-gib", "0.001", "--no-compile", "--steps", "1"])
     results = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT")]
     assert [line.split()[1] for line in results] == ["row=qlora:40", "row=qlora-budget", "row=qlora-packed:300",
-                                                     "row=lora-plain"]
+                                                     "row=qlora-compiled:40", "row=lora-plain"]
     # 0.001 GiB holds no plan by the estimate: the long rows run the leanest one.
-    for line in (results[0], results[2]):
+    for line in (results[0], results[2], results[3]):
         assert 'plan="recompute+offload every layer, MLP in chunks of 16 tokens"' in line
         assert re.search(r"tokens_per_s=\d+ .*predicted_alloc_gib=\d+\.\d\d .*loss=\d", line)
     assert 'error="OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB"' in results[1]
-    assert 'plan="recompute every layer"' in results[3]
+    assert "compile=True" in results[3] and "compile=False" in results[0]
+    assert 'plan="recompute every layer"' in results[4]
     assert moved

@@ -17,6 +17,8 @@
 #                                     # compiled; then LoRA on 1 vs 2 GPUs with the base replicated, and a profile
 #   bash benchmarks/gpu_tables.sh 9   # LoRA on 1 vs 2 GPUs, base replicated, compiled
 #   bash benchmarks/gpu_tables.sh 10  # no communication: the single-device LoRA recipe alone, then on both GPUs at once
+#   bash benchmarks/gpu_tables.sh 11  # next: Unsloth at 32k, torchtune full | ours at 32k eager and compiled, ours
+#                                     # full (norm with the last micro-batch); then LoRA 1 vs 2 GPUs, adapters one unit
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -235,6 +237,27 @@ case $CALL in
     CUDA_VISIBLE_DEVICES=0 row single-alone 40 $single > "$OUT/alone.log" 2>&1
     for gpu in 0 1; do CUDA_VISIBLE_DEVICES=$gpu row "single-both-gpu$gpu" 40 $single > "$OUT/both$gpu.log" 2>&1 & done
     wait
+    ;;
+11)
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        LIMIT=230 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
+        SEQ=2048 STEPS=6 timeout 140 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row long-rows 170 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 \
+            --time-limit 200
+        row full-single-bf16 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 --warmup 1 \
+            --accumulation-dtype bf16
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    lora_rows 10 3 "1 --accumulation 2 fsdp_shard_frozen_weights=False" "2 fsdp_shard_frozen_weights=False" \
+        > "$OUT/distributed.log" 2>&1
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

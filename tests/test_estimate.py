@@ -266,6 +266,14 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
         assert attention > 0 and attention_flops > linear / 2
 
 
+def test_packed_samples_keep_no_attention_output_since_flex_attention_would_not_save_it(config_only):
+    unpacked, packed = (model_of(config_only, "qlora", "batch_size=1", "tokenizer.max_seq_len=32768", *extra)
+                        for extra in ([], ["+dataset.packed=True"]))
+    assert any(map(keeps_attention, unpacked.fastest_plan(22 * GIB)[0].layers))
+    assert packed.recompute_flops(1, 32768)[1] == 0
+    assert not any(map(keeps_attention, packed.fastest_plan(22 * GIB)[0].layers))
+
+
 def test_more_budget_keeps_more_layers(config_only):
     model = model_of(config_only, "qlora")
     kept = [model.fastest_plan(gib * GIB)[0].layers.count(KEEP) for gib in (10, 16, 22, 40)]

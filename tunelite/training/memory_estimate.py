@@ -396,6 +396,7 @@ class MemoryModel:
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
     sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
+    packed: bool = False  # dataset.packed: documents attend through FlexAttention, whose output no policy keeps
 
     @property
     def world_size(self) -> int:
@@ -527,13 +528,14 @@ class MemoryModel:
 
     def recompute_flops(self, batch: int, seq: int) -> tuple[float, float]:
         """FLOPs one layer's recomputation costs at batch x seq, forward only: (its projections
-        and MLP, its attention). The attention part is 0 where no flash kernel runs (Gemma 2's
-        capped scores), since a kept output saves nothing there."""
+        and MLP, its attention). The attention part is 0 where no SDPA kernel runs (Gemma 2's
+        capped scores, packed samples' FlexAttention), since a kept output saves nothing there."""
         args, sequences = self.args, batch * self.recipe.sequences_per_sample
         hd = args.resolved_head_dim
         d, q, kv = args.embed_dim, args.num_heads * hd, args.num_kv_heads * hd
         weights = d * (q + 2 * kv) + q * d + (3 if args.gated_mlp else 2) * d * args.intermediate_dim
-        attention = 0.0 if args.attn_softcap is not None else 2.0 * sequences * seq * seq * q  # causal: half of 4 s^2 q
+        fused = args.attn_softcap is None and not self.packed
+        attention = 2.0 * sequences * seq * seq * q if fused else 0.0  # causal: half of 4 s^2 q
         return 2.0 * sequences * seq * weights, attention
 
     def longest_sequence(self, budget: int, step: int = 1024) -> tuple[int, MemoryPlan, MemoryEstimate] | None:
@@ -707,7 +709,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         attention_scores_bytes(args, p), args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
-        details, notes, sharding,
+        details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)),
     )
 
 

@@ -103,8 +103,8 @@ def forward_blocks(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass(eq=False)
 class _Slot:
-    """One parameter's host state. `landed`, `sumsq` and `normed_at` belong to the worker thread;
-    the main thread reads them only after `_drain`."""
+    """One parameter's host state. `landed` and `sumsq` belong to the worker thread; the main
+    thread reads them only after `_drain`."""
 
     index: int
     param: nn.Parameter
@@ -116,8 +116,7 @@ class _Slot:
     accum: torch.Tensor  # flat, pinned, accumulation dtype
     weights_out: torch.Tensor  # the same memory in the parameter's dtype: updated weights on their way back
     landed: int = 0  # gradients added into `accum` since the last update or zero_grad
-    sumsq: float = 0.0  # squared norm of `accum` when it held `normed_at` gradients
-    normed_at: int = 0  # 0: no norm taken since the last update or zero_grad
+    sumsq: float | None = None  # squared norm of `accum` as it is; None: not taken since its last change
     ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
     sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
 
@@ -249,7 +248,7 @@ class OverlappedCPUAdamW:
         # The worker took each norm with the last gradient where this step has as many micro-batches
         # as the one before; the others are taken now (the worker is idle after _drain and backward
         # is over, so its scratch is free).
-        sumsq = sum(slot.sumsq if slot.normed_at == slot.landed else squared_norm(slot.accum, self._scratch)
+        sumsq = sum(slot.sumsq if slot.sumsq is not None else squared_norm(slot.accum, self._scratch)
                     for slot in landed)
         self._micro_batches = max((slot.landed for slot in landed), default=0)
         return torch.tensor(math.sqrt(sumsq), dtype=torch.float32)
@@ -408,7 +407,6 @@ class OverlappedCPUAdamW:
             last = slot.landed + 1 == self._micro_batches
             slot.sumsq = accumulate(slot.accum, region, not slot.landed, self._scratch, norm=last)
             slot.landed += 1
-            slot.normed_at = slot.landed if last else 0
             self._emit("grad_copied", slot.index)
         finally:
             self._ring.release()
@@ -422,7 +420,7 @@ class OverlappedCPUAdamW:
             slot.step += 1
             adamw_update(slot.master, slot.accum, slot.exp_avg, slot.exp_avg_sq, slot.step, slot.weights_out,
                          self._scratch, settings, grad_scale)
-            slot.landed = slot.normed_at = 0
+            slot.landed, slot.sumsq = 0, None
             self._emit("stepped", slot.index)
             self._send(slot)
             self._emit("weight_copied", slot.index)
@@ -442,7 +440,7 @@ class OverlappedCPUAdamW:
 
     def _forget_gradients(self) -> None:
         for slot in self._slots:
-            slot.landed = slot.normed_at = 0
+            slot.landed, slot.sumsq = 0, None
 
     def _emit(self, kind: str, index: int) -> None:
         if self.on_event is not None:
@@ -450,15 +448,15 @@ class OverlappedCPUAdamW:
 
 
 def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: torch.Tensor,
-               norm: bool = False) -> float:
+               norm: bool = False) -> float | None:
     """Adds `grad` into `total` (copies it for the first micro-batch) in one pass over each: the
     host's memory bandwidth is what a micro-batch waits on. With `norm`, returns the squared norm
     of the sum, taken chunk by chunk while each chunk is in cache (the chunks of `squared_norm`,
-    so the two agree to the bit); else 0. Mixed dtypes go through the fp32 scratch chunk by chunk,
+    so the two agree to the bit); else None. Mixed dtypes go through the fp32 scratch chunk by chunk,
     since an in-place add of a bf16 tensor into an fp32 one makes a whole-tensor fp32 copy on the CPU."""
     if not norm and (first or grad.dtype == total.dtype):
         total.copy_(grad) if first else total.add_(grad)
-        return 0.0
+        return None
     sumsq = 0.0
     for lo, hi in _chunks(total.numel(), scratch.numel()):
         part, new = total[lo:hi], grad[lo:hi]
@@ -470,7 +468,7 @@ def accumulate(total: torch.Tensor, grad: torch.Tensor, first: bool, scratch: to
             part.add_(scratch[:hi - lo].copy_(new))
         if norm:
             sumsq += _squared(part, scratch)
-    return sumsq
+    return sumsq if norm else None
 
 
 def squared_norm(values: torch.Tensor, scratch: torch.Tensor) -> float:

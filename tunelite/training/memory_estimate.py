@@ -578,7 +578,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
                    2 (1 + 4/256), 4-bit 2 (0.5 + 4/128); cpu_offload_optimizer: none
       activations  per layer, by its policy: keep T (d p + saved), recompute T d p, offloaded
                    none, and a recomputed layer that keeps its attention output T (H p + 4 h) (H
-                   the heads' width, h the heads: the output and its log-sum-exp); plus, at the peak of the backward through a layer, that layer's input
+                   the heads' width, h the heads: the output and its log-sum-exp); plus, at the
+                   peak of the backward through a layer, that layer's input
                    and saved activations and its backward's gradients
                    (`saved_tensors_per_token`, `backward_extra_bytes_per_token`,
                    `attention_backward_bytes_per_token`; the MLP's for one chunk when it runs in
@@ -682,7 +683,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         shards = {WEIGHTS: (weights - whole) / world_size, ADAPTER: adapter / world_size, OPTIMIZER: state}
         sharding = Sharding(
             world_size, sum(stored[n] for n in root),
-            sum(stored[f"layers.0.{n}"] for n in layer_params if f"layers.0.{n}" in sharded) if frozen_sharded else 0,
+            sum(stored[f"layers.0.{n}"] for n in layer_params) if frozen_sharded else 0,
             bool(cfg.get("fsdp_reshard_after_forward", True)),
             root_reduce=sum(params[n].numel() for n in root if n in trained) * (p + reduce_bytes),
             host_state=int(sum(shards.values()) + trained_bytes / world_size) if offload else 0,

@@ -21,9 +21,7 @@ from tunelite.modules.memory_policy import (
     KEEP,
     OFFLOAD,
     RECOMPUTE,
-    RECOMPUTE_ATTENTION,
     RECOMPUTE_OFFLOAD,
-    RECOMPUTE_OFFLOAD_ATTENTION,
     keeps_attention,
     offloads,
     recomputes,
@@ -41,6 +39,7 @@ from tunelite.training.memory_estimate import (
     WEIGHTS,
     MemoryModel,
     MemoryPlan,
+    _ordered_plan,
     estimate_memory,
     gib,
     memory_model,
@@ -226,14 +225,6 @@ def test_each_policys_estimate_is_ordered_as_memory_must_be(config_only, kind, b
     assert both.host_bytes == LLAMA3_1_8B.num_layers * 2 ** math.ceil(math.log2(layer_input))
 
 
-def ordered(layers: int, recomputed: int, offloaded: int, attention: int, chunk: int | None = 8192) -> MemoryPlan:
-    """The first layers kept; of the recomputed, the first offloaded and the first keeping attention."""
-    return MemoryPlan(tuple(KEEP if i < layers - recomputed else {
-        (True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
-        (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}[
-        i - (layers - recomputed) < offloaded, i - (layers - recomputed) < attention] for i in range(layers)), chunk)
-
-
 @pytest.mark.parametrize(("kind", "seq"), [("lora", 2048), ("qlora", 2048), ("qlora", 32768)])
 @pytest.mark.parametrize("budget_gib", [18, 20, 22, 24, 40])
 def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_layers_that_fit(
@@ -250,7 +241,7 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
     recomputed = sum(map(recomputes, plan.layers))
     offloaded = sum(offloads(p) for p in plan.layers)
     attention = sum(map(keeps_attention, plan.layers))
-    assert plan == ordered(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens)
+    assert plan == _ordered_plan(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens)
     linear, attention_flops = model.recompute_flops(batch, seq)
     assert linear > 0 and attention_flops > 0
 
@@ -259,9 +250,9 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
 
     # nothing that recomputes less fits (with the MLP chunked as chosen), however many of its layers are offloaded
     cheaper = [(r, a) for r in range(layers + 1) for a in range(r + 1) if cost(r, a) < cost(recomputed, attention)]
-    assert all(model.estimate(ordered(layers, r, r, a, plan.mlp_chunk_tokens)).total > budget for r, a in cheaper)
+    assert all(model.estimate(_ordered_plan(layers, r, r, a, plan.mlp_chunk_tokens)).total > budget for r, a in cheaper)
     if offloaded:  # nor the same with one fewer offloaded
-        assert model.estimate(ordered(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens)).total > budget
+        assert model.estimate(_ordered_plan(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens)).total > budget
     if seq == 32768 and budget_gib == 22:  # long samples keep attention outputs: their recomputation costs seq^2
         assert attention > 0 and attention_flops > linear / 2
 

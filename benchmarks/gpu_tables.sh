@@ -19,6 +19,8 @@
 #   bash benchmarks/gpu_tables.sh 10  # no communication: the single-device LoRA recipe alone, then on both GPUs at once
 #   bash benchmarks/gpu_tables.sh 11  # next: Unsloth at 32k, torchtune full | ours at 32k eager and compiled, ours
 #                                     # full (norm with the last micro-batch); then LoRA 1 vs 2 GPUs, adapters one unit
+#   bash benchmarks/gpu_tables.sh 12  # one GPU: the attention kernels (attention_bench.py); then Unsloth at 32k and
+#                                     # ours compiled and eager, when tunelite picks another kernel than torch
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -259,8 +261,23 @@ case $CALL in
     lora_rows 10 3 "1 --accumulation 2 fsdp_shard_frozen_weights=False" "2 fsdp_shard_frozen_weights=False" \
         > "$OUT/distributed.log" 2>&1
     ;;
+12)
+    # one GPU: which attention kernel runs, then (when tunelite's choice differs from torch's) Unsloth
+    # at 32k beside our compiled 32k row
+    python3 -c "import torch; x = torch.ones(90 * 2**30, dtype=torch.uint8)" &
+    ckpt > "$OUT/ckpt.log" 2>&1 &
+    timeout 150 python3 benchmarks/attention_bench.py > "$OUT/attention.log" 2>&1
+    wait
+    if grep -q "seq=1x32768 path=attend-compiled kernel=cudnn" "$OUT/attention.log" \
+        && ! grep -q "seq=1x32768 path=default kernel=cudnn" "$OUT/attention.log"; then
+        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora-compiled:32768,qlora:32768 \
+            --time-limit $(( $(left) - 10 )) > "$OUT/long.log" 2>&1
+    fi
+    ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"
-cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads" | cut -c1-400
+cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads|^torch" | cut -c1-400
 [ -f "$OUT/profile.log" ] && cat "$OUT/profile.log"
 for f in "$OUT"/*.txt; do [ -f "$f" ] && echo "$f" && tail -4 "$f" | cut -c1-300; done

@@ -14,7 +14,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 from conftest import TINY, random_model
 from tunelite.config import asset_path
 from tunelite.data.collate import padded_collate
-from tunelite.modules.attention import BLOCK, DocumentSpans, attend, document_attention_mask, document_block_mask
+from tunelite.modules.attention import (BLOCK, CUDNN_FIRST, DocumentSpans, attend, document_attention_mask,
+                                       document_block_mask, fused_attention_order)
 from tunelite.modules.loss import IGNORE_INDEX, LinearCrossEntropyLoss, loss_chunks
 from tunelite.modules.memory_policy import KEEP, RECOMPUTE, in_sequence_chunks, set_memory_policy
 from tunelite.modules.offload import ActivationOffloader
@@ -113,6 +114,16 @@ def test_unpacked_batches_run_causal_attention_with_no_mask(monkeypatch):
                         lambda *a, **k: calls.append((k.get("attn_mask"), k.get("is_causal"))) or sdpa(*a, **k))
     random_model()(torch.randint(0, TINY.vocab_size, (2, 9)))
     assert calls == [(None, True)] * TINY.num_layers
+
+
+@pytest.mark.parametrize("capability, order", [((9, 0), CUDNN_FIRST), ((8, 0), None), ((8, 9), None), ((10, 0), None)])
+def test_causal_attention_tries_cudnns_kernels_first_on_hopper_only(monkeypatch, capability, order):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    fused_attention_order.cache_clear()
+    try:
+        assert fused_attention_order(torch.device("cuda", 0)) == order
+    finally:
+        fused_attention_order.cache_clear()
 
 
 def test_attend_with_document_spans_matches_sdpa_with_the_dense_block_causal_mask():

@@ -1,7 +1,8 @@
 """Attention whose memory stays linear in the sequence: no (s x s) score or mask is ever stored.
 
 Three shapes of mask reach it:
-- none: causal attention over the whole sequence, through SDPA's flash kernel on GPUs;
+- none: causal attention over the whole sequence, through SDPA's fused kernels on GPUs (cuDNN's
+  first on Hopper, see `fused_attention_order`);
 - a boolean tensor: generation with a KV cache (a few new tokens against the cached ones);
 - packed documents, built once per forward by `document_attention_mask` from the collate's
   document ids: on a GPU a FlexAttention block mask, made from the ids block by block (128 x 128
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention's tile, in tokens, for queries and keys alike
@@ -115,5 +117,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         gqa = False
+    if mask is None and q.device.type == "cuda" and (order := fused_attention_order(q.device)):
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=gqa)
+
+
+# cuDNN's fused attention first, then SDPA's usual order: what a causal, maskless call tries on Hopper.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+@functools.cache
+def fused_attention_order(device: torch.device) -> list[SDPBackend] | None:
+    """The SDPA backends a causal training call tries, in order, on `device`; None: SDPA's own.
+
+    On Hopper (sm90) cuDNN's attention kernels run causal training shapes well ahead of SDPA's
+    FlashAttention-2 (`benchmarks/attention_bench.py`; transformers measured 1.7-2.3x on H100),
+    and torch before 2.13 tries flash first. Elsewhere cuDNN is slower (A100, Blackwell) or level
+    (Ada), so the order stays torch's. Shapes cuDNN cannot take fall through to flash, as before."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return CUDNN_FIRST if major == 9 else None

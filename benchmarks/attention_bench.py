@@ -1,30 +1,44 @@
 """Causal GQA attention at Llama 3.1 8B's shapes: which SDPA kernel runs, how fast, how accurate.
 
-    python benchmarks/attention_bench.py [--seqs 2x2048,1x16384,1x32768,1x65536] [--reps 5]
+    python benchmarks/attention_bench.py [--seqs 2x2048,1x16384,1x32768,1x65536] [--reps 5] [--model-check]
 
 For each batch x length, forward plus backward of 32 query heads over 8 kv heads of 128, bf16,
 laid out as the decoder lays them out (heads transposed out of (b, s, h, d)), through:
-  flash, cudnn, efficient   SDPA held to one backend (`sdpa_kernel([...])`)
-  default                   SDPA as torch orders its backends
+  flash, cudnn, efficient   SDPA held to one backend (`sdpa_kernel([...])`), with `enable_gqa`
+  cudnn-repeated            cuDNN on k and v repeated to every query head
+  default                   SDPA as torch orders its backends, with `enable_gqa`
   attend                    tunelite's `attend`, eager and compiled (what training runs)
 and prints one line each:
 
-    RESULT seq=1x32768 path=attend kernel=cudnn ms=... tflops=... max_err=... ref_err=...
+    RESULT seq=1x32768 path=attend kernel=cudnn ms=... tflops=...
 
 kernel: the backend whose kernels the profiler saw; tflops: causal FLOPs (forward 2 b h s^2 d,
-backward 2.5x that) over the time. Accuracy, at 1 x 4096: max_err is the largest deviation of the
-output and of dq, dk, dv from an fp32 reference (SDPA's math backend on fp32 copies), ref_err the
-same for bf16 math, the bar a correct bf16 kernel is judged by.
+backward 2.5x that) over the time. First, at 1 x 4096, each path's error, eager and compiled,
+with the output's gradient laid out as the decoder's (heads transposed) and contiguous:
+
+    CHECK path=cudnn compiled=True grad=contiguous out=... dq=... dk=... dv=... (bf16 math: ...)
+
+the largest deviation from an fp32 reference (SDPA's math backend on fp32 copies) beside bf16
+math's, the bar a correct bf16 kernel is judged by. `--model-check`: two Llama 3.1 8B layers
+with LoRA, eager and compiled under each memory policy, their LoRA gradients against eager
+flash attention's (`MODEL ... max_rel_grad_err=...`).
 """
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tunelite.models.llama import LoRAArgs, lora_llama
+from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.attention import attend
+from tunelite.modules.lora import set_trainable_params
+from tunelite.modules.memory_policy import KEEP, RECOMPUTE, RECOMPUTE_ATTENTION, set_memory_policy
+from tunelite.training.compile import compile_layers
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -38,19 +52,20 @@ def inputs(batch: int, seq: int, dtype: torch.dtype, seed: int = 0) -> list[torc
             .requires_grad_() for heads in (HEADS, KV_HEADS, KV_HEADS)]
 
 
-def sdpa(backend: str | None):
+def sdpa(backend: str | None, repeat: bool = False):
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if repeat:
+            k, v = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not repeat)
         with sdpa_kernel([BACKENDS[backend]]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not repeat)
     return run
 
 
 def paths() -> dict:
-    return {**{name: sdpa(name) for name in BACKENDS}, "default": sdpa(None),
-            "attend": lambda q, k, v: attend(q, k, v, None),
-            "attend-compiled": torch.compile(lambda q, k, v: attend(q, k, v, None), fullgraph=True)}
+    return {**{name: sdpa(name) for name in BACKENDS}, "cudnn-repeated": sdpa("cudnn", repeat=True),
+            "default": sdpa(None), "attend": lambda q, k, v: attend(q, k, v, None)}
 
 
 def forward_backward(run, q, k, v, grad: torch.Tensor) -> list[torch.Tensor]:
@@ -85,42 +100,92 @@ def time_ms(run, q, k, v, grad, reps: int) -> float:
     return statistics.median(times)
 
 
-def max_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
+def errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
+    return " ".join(f"{name}={float((a.float() - b.float()).abs().max()):.3g}"
+                    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want))
+
+
+def check(runs: dict) -> None:
+    """Each path's error at 1 x 4096, eager and compiled, for both layouts of the output's gradient."""
+    q, k, v = inputs(1, 4096, torch.float32)
+    grads = {"transposed": torch.randn(1, 4096, HEADS, HEAD_DIM, device="cuda").transpose(1, 2)}
+    grads["contiguous"] = grads["transposed"].contiguous()
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = forward_backward(sdpa(None), q, k, v, grads["transposed"])
+        low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        bar = errors(forward_backward(sdpa(None), *low, grads["transposed"].bfloat16()), want)
+    for name, run in runs.items():
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            traced = torch.compile(run, fullgraph=True) if compiled else run
+            for layout, grad in grads.items():
+                try:
+                    got = errors(forward_backward(traced, *low, grad.bfloat16()), want)
+                except RuntimeError as error:
+                    got = f"error=\"{str(error).splitlines()[0][:120]}\""
+                print(f"CHECK path={name} compiled={compiled} grad={layout} {got} (bf16 math: {bar})", flush=True)
+
+
+def model_check() -> None:
+    """Two 8B layers with LoRA: LoRA gradients, eager and compiled per policy, against eager flash."""
+    def grads(compiled: bool, policy: str, flash: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = lora_llama(dataclasses.replace(LLAMA3_1_8B, num_layers=2),
+                               LoRAArgs(("q_proj", "k_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True))
+        torch.set_default_dtype(torch.float32)
+        set_trainable_params(model)
+        for name, p in model.named_parameters():
+            if "lora_b" in name:  # nonzero, so every adapter's gradient depends on attention's
+                torch.nn.init.normal_(p, std=0.02)
+        set_memory_policy(model, [policy] * 2)
+        if compiled:
+            compile_layers(model)
+        tokens = torch.randint(0, 1000, (1, 4097), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash else contextlib.nullcontext():
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss.backward()
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = grads(False, KEEP, True)
+    for compiled in (False, True):
+        for policy in (KEEP, RECOMPUTE, RECOMPUTE_ATTENTION):
+            for flash in (True, False):
+                case = f"MODEL compiled={compiled} policy={policy} sdpa={'flash' if flash else 'any'}"
+                try:
+                    loss, got = grads(compiled, policy, flash)
+                except RuntimeError as error:
+                    print(f"{case} error=\"{str(error).splitlines()[0][:160]}\"", flush=True)
+                    continue
+                worst = max(float((got[n] - ref[n]).norm() / ref[n].norm()) for n in ref)
+                print(f"{case} loss={loss:.5f} (eager flash {ref_loss:.5f}) max_rel_grad_err={worst:.3g}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", default="2x2048,1x16384,1x32768,1x65536")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--model-check", action="store_true")
     args = parser.parse_args()
     print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name())
     runs = paths()
-    q, k, v = inputs(1, 4096, torch.float32)
-    grad = torch.randn_like(q.detach().transpose(1, 2)).transpose(1, 2)
-    with sdpa_kernel([SDPBackend.MATH]):
-        want = forward_backward(sdpa(None), q, k, v, grad)
-        q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-        ref_err = max_error(forward_backward(sdpa(None), q16, k16, v16, grad.bfloat16()), want)
-    errors = {}
-    for name, run in runs.items():
-        try:
-            errors[name] = max_error(forward_backward(run, q16, k16, v16, grad.bfloat16()), want)
-        except RuntimeError as error:
-            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    del q, k, v, want
+    check(runs)
+    if args.model_check:
+        model_check()
+    compiled_attend = torch.compile(runs["attend"], fullgraph=True)
     for shape in args.seqs.split(","):
         batch, seq = (int(n) for n in shape.split("x"))
         q, k, v = inputs(batch, seq, torch.bfloat16)
         grad = torch.randn_like(q.detach())
         flops = 2 * batch * HEADS * seq * seq * HEAD_DIM * 3.5
-        for name, run in runs.items():
+        for name, run in {**runs, "attend-compiled": compiled_attend}.items():
             try:
                 ms = time_ms(run, q, k, v, grad, args.reps)
-                kernel = kernel_of(run, q, k, v, grad)
-                print(f"RESULT seq={shape} path={name} kernel={kernel} ms={ms:.2f} tflops={flops / ms / 1e9:.0f} "
-                      f"max_err={errors[name] if isinstance(errors[name], str) else f'{errors[name]:.2e}'} "
-                      f"ref_err={ref_err:.2e}", flush=True)
+                print(f"RESULT seq={shape} path={name} kernel={kernel_of(run, q, k, v, grad)} ms={ms:.2f} "
+                      f"tflops={flops / ms / 1e9:.0f}", flush=True)
             except RuntimeError as error:
                 print(f"RESULT seq={shape} path={name} error=\"{str(error).splitlines()[0][:160]}\"", flush=True)
         del q, k, v, grad

@@ -19,8 +19,9 @@
 #   bash benchmarks/gpu_tables.sh 10  # no communication: the single-device LoRA recipe alone, then on both GPUs at once
 #   bash benchmarks/gpu_tables.sh 11  # next: Unsloth at 32k, torchtune full | ours at 32k eager and compiled, ours
 #                                     # full (norm with the last micro-batch); then LoRA 1 vs 2 GPUs, adapters one unit
-#   bash benchmarks/gpu_tables.sh 12  # one GPU: the attention kernels (attention_bench.py); then Unsloth at 32k and
-#                                     # ours compiled and eager, when tunelite picks another kernel than torch
+#   bash benchmarks/gpu_tables.sh 12  # one GPU: the attention kernels, their speed and error (attention_bench.py)
+#   bash benchmarks/gpu_tables.sh 13  # k and v repeated for cuDNN: the kernels and the model's gradients, Unsloth at
+#                                     # 32k, ours eager and compiled | torchtune compiled LoRA/QLoRA, ours under a budget
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -262,22 +263,39 @@ case $CALL in
         > "$OUT/distributed.log" 2>&1
     ;;
 12)
-    # one GPU: which attention kernel runs, then (when tunelite's choice differs from torch's) Unsloth
-    # at 32k beside our compiled 32k row
-    python3 -c "import torch; x = torch.ones(90 * 2**30, dtype=torch.uint8)" &
-    ckpt > "$OUT/ckpt.log" 2>&1 &
+    # one GPU: which attention kernel runs, its speed and its error (found: cuDNN's backward wrong under
+    # enable_gqa with the gradient laid out unlike the output, as in a compiled layer)
     timeout 150 python3 benchmarks/attention_bench.py > "$OUT/attention.log" 2>&1
-    wait
-    if grep -q "seq=1x32768 path=attend-compiled kernel=cudnn" "$OUT/attention.log" \
-        && ! grep -q "seq=1x32768 path=default kernel=cudnn" "$OUT/attention.log"; then
+    ;;
+13)
+    # after k and v are repeated for cuDNN: the kernels and the model's gradients, then Unsloth at 32k
+    # beside ours | torchtune compiled LoRA/QLoRA beside ours under a 22 GiB budget
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt > "$OUT/ckpt.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout 170 python3 benchmarks/attention_bench.py --model-check --seqs 2x2048,1x32768 > "$OUT/attention.log" 2>&1
+        until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
         LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
         export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora-compiled:32768,qlora:32768 \
-            --time-limit $(( $(left) - 10 )) > "$OUT/long.log" 2>&1
-    fi
+        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 \
+            --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
+            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"
-cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads|^torch" | cut -c1-400
+cat "$OUT"/*.log | grep -a -E "^RESULT|^== |exit=|Mem|values/s|threads|^torch|^CHECK|^MODEL" | cut -c1-400
 [ -f "$OUT/profile.log" ] && cat "$OUT/profile.log"
 for f in "$OUT"/*.txt; do [ -f "$f" ] && echo "$f" && tail -4 "$f" | cut -c1-300; done

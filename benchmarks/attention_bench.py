@@ -13,21 +13,25 @@ and prints one line each:
     RESULT seq=1x32768 path=attend kernel=cudnn ms=... tflops=...
 
 kernel: the backend whose kernels the profiler saw; tflops: causal FLOPs (forward 2 b h s^2 d,
-backward 2.5x that) over the time. First, at 1 x 4096, each path's error, eager and compiled,
-with the output's gradient laid out as the decoder's (heads transposed) and contiguous:
+backward 2.5x that) over the time. First, at 1 x 4096, each path's error, eager and compiled, each
+case in a fresh process, against an fp32 reference (SDPA's math backend on fp32 copies) beside
+bf16 math's, the bar a correct bf16 kernel is judged by:
 
-    CHECK path=cudnn compiled=True grad=contiguous out=... dq=... dk=... dv=... (bf16 math: ...)
+    CHECK path=cudnn compiled=False grads=transposed,contiguous now=contiguous out=... dq=... dk=... dv=...
 
-the largest deviation from an fp32 reference (SDPA's math backend on fp32 copies) beside bf16
-math's, the bar a correct bf16 kernel is judged by. `--model-check`: two Llama 3.1 8B layers
-with LoRA, eager and compiled under each memory policy, their LoRA gradients against eager
-flash attention's (`MODEL ... max_rel_grad_err=...`).
+`grads`: the layouts of the output's gradient the process ran in turn (`transposed` is the
+decoder's), `now` the one this line measures. With torch 2.11 and cuDNN 9.19 a second layout in
+one process gets the first one's cached backward plan, and wrong gradients (docs/benchmarks.md).
+`--model-check`: two Llama 3.1 8B layers with LoRA, eager and compiled under each memory policy
+and under two policies at once (one process, as training runs), their LoRA gradients against eager flash attention's (`MODEL ... max_rel_grad_err=...`).
 """
 
 import argparse
 import contextlib
 import dataclasses
 import statistics
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +109,11 @@ def errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
                     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want))
 
 
-def check(runs: dict) -> None:
-    """Each path's error at 1 x 4096, eager and compiled, for both layouts of the output's gradient."""
+def check(path: str, compiled: bool, layouts: list[str]) -> None:
+    """One path's error at 1 x 4096, for each layout of the output's gradient in turn, in this
+    process: `transposed` is the decoder's (heads transposed out of (b, s, h, d)), `contiguous`
+    what a test's grad tensor usually is."""
+    run = paths()[path]
     q, k, v = inputs(1, 4096, torch.float32)
     grads = {"transposed": torch.randn(1, 4096, HEADS, HEAD_DIM, device="cuda").transpose(1, 2)}
     grads["contiguous"] = grads["transposed"].contiguous()
@@ -114,21 +121,26 @@ def check(runs: dict) -> None:
         want = forward_backward(sdpa(None), q, k, v, grads["transposed"])
         low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
         bar = errors(forward_backward(sdpa(None), *low, grads["transposed"].bfloat16()), want)
-    for name, run in runs.items():
-        for compiled in (False, True):
-            torch._dynamo.reset()
-            traced = torch.compile(run, fullgraph=True) if compiled else run
-            for layout, grad in grads.items():
-                try:
-                    got = errors(forward_backward(traced, *low, grad.bfloat16()), want)
-                except RuntimeError as error:
-                    got = f"error=\"{str(error).splitlines()[0][:120]}\""
-                print(f"CHECK path={name} compiled={compiled} grad={layout} {got} (bf16 math: {bar})", flush=True)
+    traced = torch.compile(run, fullgraph=True) if compiled else run
+    for layout in layouts:
+        try:
+            got = errors(forward_backward(traced, *low, grads[layout].bfloat16()), want)
+        except RuntimeError as error:
+            got = f"error=\"{str(error).splitlines()[0][:120]}\""
+        print(f"CHECK path={path} compiled={compiled} grads={','.join(layouts)} now={layout} {got} "
+              f"(bf16 math: {bar})", flush=True)
+
+
+# (path, compiled, gradient layouts in turn), each in a fresh process: cuDNN caches its backward
+# plan per shape and not per gradient layout, so a case run after another would inherit its plan.
+CHECKS = [(path, compiled, layouts) for path in ("flash", "cudnn", "default", "attend")
+          for compiled, layouts in ((False, "transposed"), (False, "contiguous"), (True, "transposed"))] + [
+    ("cudnn", False, "transposed,contiguous"), ("cudnn", False, "contiguous,transposed")]
 
 
 def model_check() -> None:
-    """Two 8B layers with LoRA: LoRA gradients, eager and compiled per policy, against eager flash."""
-    def grads(compiled: bool, policy: str, flash: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """Two 8B layers with LoRA: LoRA gradients, eager and compiled per pair of policies, against eager flash."""
+    def grads(compiled: bool, policies: tuple[str, str], flash: bool) -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         torch._dynamo.reset()
         torch.set_default_dtype(torch.bfloat16)
@@ -140,7 +152,7 @@ def model_check() -> None:
         for name, p in model.named_parameters():
             if "lora_b" in name:  # nonzero, so every adapter's gradient depends on attention's
                 torch.nn.init.normal_(p, std=0.02)
-        set_memory_policy(model, [policy] * 2)
+        set_memory_policy(model, policies)
         if compiled:
             compile_layers(model)
         tokens = torch.randint(0, 1000, (1, 4097), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -150,13 +162,14 @@ def model_check() -> None:
             loss.backward()
         return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
-    ref_loss, ref = grads(False, KEEP, True)
+    ref_loss, ref = grads(False, (KEEP, KEEP), True)
     for compiled in (False, True):
-        for policy in (KEEP, RECOMPUTE, RECOMPUTE_ATTENTION):
+        for policies in ((KEEP, KEEP), (RECOMPUTE, RECOMPUTE), (RECOMPUTE_ATTENTION, RECOMPUTE_ATTENTION),
+                         (KEEP, RECOMPUTE_ATTENTION)):
             for flash in (True, False):
-                case = f"MODEL compiled={compiled} policy={policy} sdpa={'flash' if flash else 'any'}"
+                case = f"MODEL compiled={compiled} policies={','.join(policies)} sdpa={'flash' if flash else 'any'}"
                 try:
-                    loss, got = grads(compiled, policy, flash)
+                    loss, got = grads(compiled, policies, flash)
                 except RuntimeError as error:
                     print(f"{case} error=\"{str(error).splitlines()[0][:160]}\"", flush=True)
                     continue
@@ -169,12 +182,21 @@ def main() -> None:
     parser.add_argument("--seqs", default="2x2048,1x16384,1x32768,1x65536")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--model-check", action="store_true")
+    parser.add_argument("--check", nargs=3, metavar=("PATH", "COMPILED", "LAYOUTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.check:
+        check(args.check[0], args.check[1] == "True", args.check[2].split(","))
+        return
     print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name())
-    runs = paths()
-    check(runs)
+    for path, compiled, layouts in CHECKS:
+        done = subprocess.run([sys.executable, __file__, "--check", path, str(compiled), layouts],
+                              capture_output=True, text=True)
+        print("\n".join(line for line in done.stdout.splitlines() if line.startswith("CHECK"))
+              or f"CHECK path={path} compiled={compiled} grads={layouts} error=\"{done.stderr.strip()[-160:]}\"",
+              flush=True)
     if args.model_check:
         model_check()
+    runs = paths()
     compiled_attend = torch.compile(runs["attend"], fullgraph=True)
     for shape in args.seqs.split(","):
         batch, seq = (int(n) for n in shape.split("x"))

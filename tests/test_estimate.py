@@ -265,17 +265,6 @@ def test_packed_samples_keep_no_attention_output_since_flex_attention_would_not_
     assert not any(map(keeps_attention, packed.fastest_plan(22 * GIB)[0].layers))
 
 
-def test_a_kept_layer_holds_k_and_v_for_every_query_head_where_attention_repeats_them(config_only, monkeypatch):
-    # On a CPU-only machine a CUDA config is estimated as on a card that repeats them (the larger).
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kept = MemoryPlan((KEEP,) * LLAMA3_1_8B.num_layers)
-    cuda, cpu = (model_of(config_only, "lora", f"device={device}").estimate(kept).components[ACTIVATIONS]
-                 for device in ("cuda", "cpu"))
-    tokens = 2 * 2048  # the config's batch
-    repeated = 2 * (LLAMA3_1_8B.num_heads - LLAMA3_1_8B.num_kv_heads) * LLAMA3_1_8B.resolved_head_dim * 2
-    assert cuda - cpu == pytest.approx(LLAMA3_1_8B.num_layers * tokens * repeated, rel=0.02)
-
-
 def test_more_budget_keeps_more_layers(config_only):
     model = model_of(config_only, "qlora")
     kept = [model.fastest_plan(gib * GIB)[0].layers.count(KEEP) for gib in (10, 16, 22, 40)]

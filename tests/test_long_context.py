@@ -14,7 +14,6 @@ from torch.nn.attention.flex_attention import create_block_mask
 from conftest import TINY, random_model
 from tunelite.config import asset_path
 from tunelite.data.collate import padded_collate
-from tunelite.modules import attention
 from tunelite.modules.attention import BLOCK, DocumentSpans, attend, document_attention_mask, document_block_mask
 from tunelite.modules.loss import IGNORE_INDEX, LinearCrossEntropyLoss, loss_chunks
 from tunelite.modules.memory_policy import KEEP, RECOMPUTE, in_sequence_chunks, set_memory_policy
@@ -114,39 +113,6 @@ def test_unpacked_batches_run_causal_attention_with_no_mask(monkeypatch):
                         lambda *a, **k: calls.append((k.get("attn_mask"), k.get("is_causal"))) or sdpa(*a, **k))
     random_model()(torch.randint(0, TINY.vocab_size, (2, 9)))
     assert calls == [(None, True)] * TINY.num_layers
-
-
-@pytest.mark.parametrize("capability, shared", [((9, 0), True), ((10, 0), True), ((8, 0), False), ((8, 9), False),
-                                               ((12, 0), False)])
-def test_grouped_query_attention_repeats_kv_heads_where_sdpa_runs_cudnn_first(monkeypatch, capability, shared):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    attention.shares_kv_heads_explicitly.cache_clear()
-    try:
-        assert attention.shares_kv_heads_explicitly(torch.device("cuda", 0)) == shared
-        assert not attention.shares_kv_heads_explicitly(torch.device("cpu"))
-    finally:
-        attention.shares_kv_heads_explicitly.cache_clear()
-
-
-def test_repeated_kv_heads_give_grouped_query_attentions_outputs_and_gradients(monkeypatch):
-    sdpa = F.scaled_dot_product_attention
-
-    def run(repeat: bool) -> tuple[list[torch.Tensor], list[tuple]]:
-        monkeypatch.setattr(attention, "shares_kv_heads_explicitly", lambda device: repeat)
-        calls = []
-        monkeypatch.setattr(F, "scaled_dot_product_attention",
-                            lambda q, k, v, **kw: calls.append((k.shape[1], kw["enable_gqa"])) or sdpa(q, k, v, **kw))
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(2, heads, 24, 8, requires_grad=True) for heads in (6, 2, 2))
-        out = attend(q, k, v, None)
-        out.backward(torch.randn_like(out))
-        return [out, q.grad, k.grad, v.grad], calls
-
-    grouped, grouped_calls = run(False)
-    repeated, repeated_calls = run(True)
-    assert grouped_calls == [(2, True)] and repeated_calls == [(6, False)]
-    for a, b in zip(repeated, grouped):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_attend_with_document_spans_matches_sdpa_with_the_dense_block_causal_mask():

@@ -1,7 +1,7 @@
 """Attention whose memory stays linear in the sequence: no (s x s) score or mask is ever stored.
 
 Three shapes of mask reach it:
-- none: causal attention over the whole sequence, through SDPA's fused kernels on GPUs;
+- none: causal attention over the whole sequence, through SDPA's flash kernel on GPUs;
 - a boolean tensor: generation with a KV cache (a few new tokens against the cached ones);
 - packed documents, built once per forward by `document_attention_mask` from the collate's
   document ids: on a GPU a FlexAttention block mask, made from the ids block by block (128 x 128
@@ -102,13 +102,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if isinstance(mask, BlockMask):
         run = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
         return run(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
-    if gqa and (isinstance(mask, torch.Tensor) or shares_kv_heads_explicitly(q.device)):
-        # With a mask (a KV cache) SDPA's GQA path exists only in its flash kernel, which takes no
-        # mask, so a memory-efficient kernel runs on the repeated heads; see also
-        # `shares_kv_heads_explicitly`.
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        gqa = False
     if isinstance(mask, DocumentSpans):
         rows = [torch.cat([F.scaled_dot_product_attention(q[i:i + 1, :, start:end], k[i:i + 1, :, start:end],
                                                           v[i:i + 1, :, start:end], is_causal=True, scale=scale,
@@ -116,18 +109,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                            for start, end in spans], dim=2)
                 for i, spans in enumerate(mask.spans)]
         return torch.cat(rows, dim=0)
+    if mask is not None and gqa:
+        # SDPA's GQA path exists only in its flash kernel, which takes no mask: with a mask (a KV
+        # cache) share each kv head explicitly, so a memory-efficient kernel runs.
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=gqa)
-
-
-@functools.cache
-def shares_kv_heads_explicitly(device: torch.device) -> bool:
-    """Whether grouped-query attention on `device` hands SDPA each kv head repeated per query head
-    instead of `enable_gqa`. True on CUDA cards of compute capability 9 and 10 (H100/H200,
-    B100/B200), where SDPA runs cuDNN's kernels first: with `enable_gqa`, cuDNN's backward
-    returns wrong dq, dk and dv whenever the output's gradient is laid out unlike the output,
-    which is what a compiled layer hands it (torch 2.11, cuDNN 9.19, H200: errors of 4.8-13.7
-    against 0.02-0.04, `benchmarks/attention_bench.py`), while with the heads repeated it is as
-    exact as flash. It costs the repeated k and v: 2 (h - kv) d bytes per token more, in a
-    layer that keeps its activations."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)

@@ -46,7 +46,6 @@ from tunelite.config import apply_overrides, instantiate, resolve_component
 from tunelite.distributed.sharding import mixed_precision
 from tunelite.errors import ConfigError
 from tunelite.models.decoder import ModelArgs
-from tunelite.modules.attention import shares_kv_heads_explicitly
 from tunelite.modules.lora import LoRALinear, is_adapter_key
 from tunelite.modules.loss import MAX_CHUNK_TOKENS, loss_chunks
 from tunelite.modules.memory_policy import (
@@ -230,19 +229,17 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> float:
 
 
 def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int, adapters: dict[str, LoRALinear],
-                            compiled: bool = False, repeated_kv: bool = False) -> tuple[list[float], list[float]]:
+                            compiled: bool = False) -> tuple[list[float], list[float]]:
     """What one layer's forward keeps for its backward, tensor by tensor, in bytes per token
     (besides the layer's input): (attention half, MLP half). PyTorch with flash attention,
     whose memory is linear in the sequence length (Gemma 2's capped scores add
     `attention_scores_bytes`). The family's layer decides: gated or plain MLP, q/k norms, fused
     qkv, post-norms. `adapters`: the layer's, by module name. `compiled`: inductor's partitioner
     recomputes the activation act(w1 x) in backward from w1 x instead of keeping it (measured:
-    a kept 8B layer at 2 x 2048 holds one 4096 x 14336 tensor less than eager). `repeated_kv`:
-    attention gets k and v repeated to every query head (`shares_kv_heads_explicitly`)."""
+    a kept 8B layer at 2 x 2048 holds one 4096 x 14336 tensor less than eager)."""
     d, hd, inter, p = args.embed_dim, args.resolved_head_dim, args.intermediate_dim, dtype_bytes
     q, kv = args.num_heads * hd, args.num_kv_heads * hd
-    # capped attention, and attention on cards where cuDNN runs first, share k and v out to every head
-    shared = q if args.attn_softcap is not None or repeated_kv else kv
+    shared = q if args.attn_softcap is not None else kv  # capped attention shares k and v out to every head
     norms = 2 if args.post_norms else 1  # 1 / rms of each norm of a half, in fp32
 
     def lora(half: str) -> list[float]:
@@ -271,15 +268,6 @@ def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int, adapters: dict[st
         *lora("mlp."),
     ]
     return attention, mlp
-
-
-def _repeats_kv_heads(device: str) -> bool:
-    """Whether attention on the config's device gets k and v repeated to every query head
-    (`shares_kv_heads_explicitly`): as on this machine's GPU; for a CUDA config estimated on a
-    machine without one, as on a card that repeats them, the larger estimate."""
-    if not device.startswith("cuda"):
-        return False
-    return not torch.cuda.is_available() or shares_kv_heads_explicitly(torch.device(device))
 
 
 def attention_scores_bytes(args: ModelArgs, dtype_bytes: int) -> float:
@@ -663,8 +651,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         resident_grads, layer_grads = 0.0, sum(layer_trained)
     output_trains = "output.weight" in trained or (args.tie_word_embeddings and "tok_embeddings.weight" in trained)
     layer_adapters = {name: m for name, m in layer.named_modules() if isinstance(m, LoRALinear)}
-    attention_saved, mlp_saved = saved_tensors_per_token(args, p, layer_adapters, bool(cfg.get("compile")),
-                                                         _repeats_kv_heads(str(cfg.get("device", "cuda"))))
+    attention_saved, mlp_saved = saved_tensors_per_token(args, p, layer_adapters, bool(cfg.get("compile")))
     details = {
         WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=not recipe.trains_all),
         ADAPTER: f"{sum(params[n].numel() for n in adapters) / 1e6:.1f}M trained values" if adapters else "",

@@ -22,6 +22,9 @@
 #   bash benchmarks/gpu_tables.sh 12  # one GPU: the attention kernels, their speed and error (attention_bench.py)
 #   bash benchmarks/gpu_tables.sh 13  # k and v repeated for cuDNN: the kernels and the model's gradients, Unsloth at
 #                                     # 32k, ours eager and compiled | torchtune compiled LoRA/QLoRA, ours under a budget
+#   (call 14: an ad-hoc script on one GPU, the attention checks in fresh processes; call 15 re-runs them)
+#   bash benchmarks/gpu_tables.sh 15  # attention checks, each in a fresh process | alone: distributed LoRA on one GPU
+#                                     # beside the single-device recipe, then the full fine-tune on one GPU
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -292,6 +295,23 @@ case $CALL in
         row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
             --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
     ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+15)
+    # GPU 1: each attention check in a fresh process, and the model's gradients (cuDNN's plan cache).
+    # GPU 0, nothing else on it: the distributed LoRA recipe on one GPU, a micro-batch a step, beside
+    # the single-device recipe; then the full fine-tune on one GPU (call 11 ran it beside Unsloth)
+    CUDA_VISIBLE_DEVICES=1 timeout 400 python3 benchmarks/attention_bench.py --model-check --seqs 1x32768 \
+        > "$OUT/attention.log" 2>&1 &
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    export CUDA_VISIBLE_DEVICES=0
+    row single-device 50 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=False \
+        --steps 10 --warmup 3 > "$OUT/single.log" 2>&1
+    lora_rows 10 3 "1 fsdp_shard_frozen_weights=False" > "$OUT/distributed.log" 2>&1
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    row full-single-bf16 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 --warmup 1 \
+        --accumulation-dtype bf16 > "$OUT/full.log" 2>&1
     wait
     ;;
 esac

@@ -1,5 +1,7 @@
 """Each speed lever leaves the numbers as they were: same loss, same gradients (fp32, tiny model)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,3 +176,79 @@ def test_lora_scaling_b_keeps_the_tiny_models_loss_and_gradients(monkeypatch):
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+# --- the gated MLP keeps gate and up only ---------------------------------------------------------
+
+
+def plain_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The MLP as autograd would run it unaided: act(gate) * up through F.gelu / F.silu, the down
+    projection's adapter through two F.linear."""
+    gate, up = mlp.w13(x).chunk(2, -1) if mlp.fused else (mlp.w1(x), mlp.w3(x))
+    product = (F.silu(gate) if mlp.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+    w2 = mlp.w2
+    if not isinstance(w2, LoRALinear):
+        return w2(product)
+    return w2.base(product) + F.linear(F.linear(w2.dropout(product), w2.lora_a), w2.lora_b * w2.scaling)
+
+
+def mlp_of(family: str, lora: bool, fused: bool = False) -> torch.nn.Module:
+    args = dataclasses.replace(TINY, activation=family, fused_gate_up=fused)
+    torch.manual_seed(0)
+    model = lora_decoder(args, LoRAArgs(("q_proj",), apply_lora_to_mlp=True)) if lora else random_model(args)
+    mlp = model.layers[0].mlp
+    for name, p in mlp.named_parameters():
+        if "lora_b" in name:  # nonzero, so the adapters' inputs matter to the output
+            torch.nn.init.normal_(p)
+        if lora:
+            p.requires_grad_("lora" in name)
+    return mlp
+
+
+@pytest.mark.parametrize("activation, lora, fused", [("silu", True, False), ("gelu_tanh", True, False),
+                                                     ("silu", False, False), ("silu", True, True)])
+def test_the_gated_mlp_gives_autograds_outputs_and_gradients(activation, lora, fused):
+    mlp = mlp_of(activation, lora, fused)
+    x = torch.randn(2, 5, TINY.embed_dim, requires_grad=True)
+    grads = []
+    for run in (mlp, lambda x: plain_mlp(mlp, x)):
+        mlp.zero_grad()
+        x.grad = None
+        out = run(x)
+        out.backward(torch.ones_like(out))
+        grads.append([out, x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad])
+    for ours, plain in zip(*grads):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora, kept", [(True, 2), (False, 3)])
+def test_the_gated_mlp_keeps_gate_and_up_and_the_product_only_for_a_trained_down_projection(lora, kept):
+    # LoRA: the down projection's adapter recomputes the product; a trained w2 (full fine-tuning)
+    # needs it for its weight's gradient. Eager autograd alone would keep act(gate) too.
+    mlp = mlp_of("silu", lora)
+    x = torch.randn(2, 5, TINY.embed_dim, requires_grad=True)
+    storages, weights = set(), {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 10 * TINY.intermediate_dim and t.untyped_storage().data_ptr() not in weights:
+            storages.add(t.untyped_storage().data_ptr())  # a (tokens x intermediate) activation
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mlp(x)
+    out.sum().backward()
+    assert len(storages) == kept
+
+
+def test_a_compiled_gated_mlp_traces_whole_and_gives_eagers_gradients():
+    mlp = mlp_of("silu", True)
+    x = torch.randn(2, 5, TINY.embed_dim, requires_grad=True)
+    grads = []
+    torch._dynamo.reset()
+    for run in (mlp, torch.compile(mlp, backend="aot_eager", fullgraph=True)):
+        mlp.zero_grad()
+        out = run(x)
+        out.sum().backward()
+        grads.append([out] + [p.grad for p in mlp.parameters() if p.requires_grad])
+    for ours, plain in zip(*grads):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from torch import nn
 from tunelite.errors import ConfigError, TuneliteError
 from tunelite.modules.attention import DocumentMask, attend, dense_document_mask, document_attention_mask
 from tunelite.modules.fp8 import FrozenFP8Linear
+from tunelite.modules.gated_mlp import ACTIVATIONS, gated_product
 from tunelite.modules.lora import LoRALinear
 from tunelite.modules.memory_policy import (
     KEEP,
@@ -63,12 +64,6 @@ class LongRopeScaling:
 
 
 NORMS = ("rms", "rms_offset", "layer")
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
 @dataclass(frozen=True)
 class ModelArgs:
     """The numbers and traits that tell one family and size from another; the code is shared.
@@ -381,7 +376,7 @@ class FeedForward(nn.Module):
         self.w2 = linear(inter, d, "w2", bias)
         if args.gated_mlp and not args.fused_gate_up:
             self.w3 = linear(d, inter, "w3", bias)
-        self.activation = ACTIVATIONS[args.activation]
+        self.activation = args.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -389,8 +384,12 @@ class FeedForward(nn.Module):
         elif self.gated:
             gate, up = self.w1(x), self.w3(x)
         else:
-            return self.w2(self.activation(self.w1(x)))
-        return self.w2(self.activation(gate) * up)
+            return self.w2(ACTIVATIONS[self.activation](self.w1(x)))
+        # Kept for backward: gate and up, not act(gate) nor the product (see gated_mlp).
+        product = gated_product(gate, up, self.activation)
+        if isinstance(self.w2, LoRALinear):
+            return self.w2.forward_gated(product, gate, up, self.activation)
+        return self.w2(product)
 
 
 class TransformerLayer(nn.Module):

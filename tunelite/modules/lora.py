@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelite.modules import fp8
+from tunelite.modules.gated_mlp import lora_down
 from tunelite.modules.nf4 import dequantize, frozen_linear, quantize_nf4
 
 ADAPTER_SUFFIXES = ("lora_a", "lora_b")
@@ -76,6 +77,14 @@ class LoRALinear(nn.Module):
         # would otherwise make one more pass over the layer's output forward and one backward.
         lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
         return self.base(x) + lora
+
+    def forward_gated(self, product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        """forward(product) for the gated MLP's product = act(gate) * up: the adapter recomputes
+        the product in backward from gate and up (see tunelite.modules.gated_mlp) instead of
+        keeping it. With dropout the adapter's input is not the product, so it runs as forward."""
+        if self.disabled or not isinstance(self.dropout, nn.Identity):
+            return self(product)
+        return self.base(product) + lora_down(product, gate, up, self.lora_a, self.lora_b, self.scaling, activation)
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"

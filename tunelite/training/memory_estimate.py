@@ -229,14 +229,16 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> float:
 
 
 def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int, adapters: dict[str, LoRALinear],
-                            compiled: bool = False) -> tuple[list[float], list[float]]:
+                            compiled: bool = False, trains_base: bool = False) -> tuple[list[float], list[float]]:
     """What one layer's forward keeps for its backward, tensor by tensor, in bytes per token
     (besides the layer's input): (attention half, MLP half). PyTorch with flash attention,
     whose memory is linear in the sequence length (Gemma 2's capped scores add
     `attention_scores_bytes`). The family's layer decides: gated or plain MLP, q/k norms, fused
-    qkv, post-norms. `adapters`: the layer's, by module name. `compiled`: inductor's partitioner
-    recomputes the activation act(w1 x) in backward from w1 x instead of keeping it (measured:
-    a kept 8B layer at 2 x 2048 holds one 4096 x 14336 tensor less than eager)."""
+    qkv, post-norms. `adapters`: the layer's, by module name. A gated MLP keeps w1 x and w3 x
+    (`gated_mlp`), and their product only when w2's weight trains (`trains_base`: full
+    fine-tuning; an adapter on w2 recomputes it). `compiled`: inductor's partitioner recomputes a
+    plain MLP's activation in backward instead of keeping it (measured on the gated MLP before
+    `gated_mlp`: a kept 8B layer at 2 x 2048 held one 4096 x 14336 tensor less than eager)."""
     d, hd, inter, p = args.embed_dim, args.resolved_head_dim, args.intermediate_dim, dtype_bytes
     q, kv = args.num_heads * hd, args.num_kv_heads * hd
     shared = q if args.attn_softcap is not None else kv  # capped attention shares k and v out to every head
@@ -260,9 +262,9 @@ def saved_tensors_per_token(args: ModelArgs, dtype_bytes: int, adapters: dict[st
     ]
     mlp = [
         d * p,  # mlp_norm output: input of w1 and w3
-        # gated: w1 and w3 outputs, act(w1 x) (not when compiled), their product (w2's input);
-        # plain: w1's output and act's
-        *[inter * p] * ((4 if args.gated_mlp else 2) - compiled),
+        # gated: w1 and w3 outputs, and their product (w2's input) when w2's weight trains;
+        # plain: w1's output and act's (not when compiled)
+        *[inter * p] * (2 + trains_base if args.gated_mlp else 2 - compiled),
         *([d * p] if args.post_norms else []),  # the MLP output: Gemma's post-norm input
         4 * norms,  # the norms' 1 / rms (fp32)
         *lora("mlp."),
@@ -277,12 +279,15 @@ def attention_scores_bytes(args: ModelArgs, dtype_bytes: int) -> float:
     return args.num_heads * (2 * dtype_bytes + 4) + 1 if args.attn_softcap is not None else 0
 
 
-def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
-    """Gradients alive beyond the saved activations, at the layer's peak (the MLP product's
-    backward): the gradients of w3 x, act(w1 x) and the product instead of the product itself,
-    plus the residual stream's gradient and its copy into the MLP branch. (A plain MLP, GPT-2's,
-    holds the gradients of act(w1 x) and of w1 x at its activation's backward: as many.)"""
-    return (2 * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
+def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int, compiled: bool = False,
+                                   trains_base: bool = False) -> float:
+    """Gradients alive beyond the MLP's saved activations, at the layer's peak, plus the residual
+    stream's gradient and its copy into the MLP branch. Gated: the product's backward
+    (`gated_mlp`) holds the product's gradient, act(w1 x) recomputed, and the gradients of w1 x
+    and w3 x (inductor fuses them: one less), the product itself freed by then when it was kept.
+    Plain (GPT-2): the gradients of act(w1 x) and of w1 x at its activation's backward."""
+    extra = 4 - compiled - trains_base if args.gated_mlp else 2
+    return (extra * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
 def attention_backward_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> float:
@@ -390,6 +395,7 @@ class MemoryModel:
     output_grad: float  # the output projection's gradient, when it trains
     attention_saved: tuple[float, ...]  # saved_tensors_per_token
     mlp_saved: tuple[float, ...]
+    mlp_backward_extra: float  # backward_extra_bytes_per_token
     attention_scores: float  # attention_scores_bytes: per token and key position
     attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
@@ -418,9 +424,12 @@ class MemoryModel:
         # Beyond a layer's input and attention half, at its backward's peak: the SwiGLU's backward
         # (over the whole sequence, or one chunk while the chunks' input gradients gather), or
         # flash attention's once the MLP half is freed.
-        mlp_extra = piece * backward_extra_bytes_per_token(args, p)
-        if self.largest_nf4:  # w2's backward: its incoming gradients and its dequantized copy
-            mlp_extra = max(mlp_extra, piece * (2 * args.embed_dim + args.intermediate_dim) * p + self.largest_nf4 * p)
+        mlp_extra = piece * self.mlp_backward_extra
+        if self.largest_nf4:
+            # w2's backward: its incoming gradients, its dequantized copy, the product's gradient
+            # from the base and (gated) from the adapter
+            inputs = (1 + args.gated_mlp) * args.intermediate_dim
+            mlp_extra = max(mlp_extra, piece * (2 * args.embed_dim + inputs) * p + self.largest_nf4 * p)
         in_backward = max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
                           tokens * attention_backward_bytes_per_token(args, p))
 
@@ -624,7 +633,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         raise ConfigError("tokenizer.max_seq_len: not set, so the longest batch is unknown; set it or pass --seq-len")
     loss = instantiate(cfg.loss)
     optimizer = _optimizer_facts(cfg, recipe)
-    notes = (("compile: True: the activations as inductor keeps them (act(w1 x) recomputed in backward)",)
+    notes = (("compile: True: the activations as inductor keeps them (the MLP backward's gradients fused)",)
              if cfg.get("compile") else ()) + (
         () if found else (f"no {config_json}: the sizes are those of {cfg.model._component_}, unchecked against "
                           "a checkpoint",))
@@ -651,7 +660,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         resident_grads, layer_grads = 0.0, sum(layer_trained)
     output_trains = "output.weight" in trained or (args.tie_word_embeddings and "tok_embeddings.weight" in trained)
     layer_adapters = {name: m for name, m in layer.named_modules() if isinstance(m, LoRALinear)}
-    attention_saved, mlp_saved = saved_tensors_per_token(args, p, layer_adapters, bool(cfg.get("compile")))
+    compiled = bool(cfg.get("compile"))
+    attention_saved, mlp_saved = saved_tensors_per_token(args, p, layer_adapters, compiled, recipe.trains_all)
     details = {
         WEIGHTS: _weights_detail(params, adapters, quantized, cfg.dtype, frozen=not recipe.trains_all),
         ADAPTER: f"{sum(params[n].numel() for n in adapters) / 1e6:.1f}M trained values" if adapters else "",
@@ -708,7 +718,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
-        attention_scores_bytes(args, p), args.num_heads * (args.resolved_head_dim * p + 4),
+        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all), attention_scores_bytes(args, p), args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)),
     )

@@ -351,7 +351,8 @@ def sizes(kind: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("kind", ["full_fsdp", "lora_fsdp"])
 def test_two_processes_halve_weights_gradients_and_optimizer_state(config_only, kind):
-    sharded = ["fsdp_shard_frozen_weights=True"] if kind == "lora_fsdp" else []  # the 8B LoRA config keeps the base whole
+    # the 8B LoRA config keeps the frozen base whole; sharded, it halves too
+    sharded = ["fsdp_shard_frozen_weights=True"] if kind == "lora_fsdp" else []
     whole, half = (model_over(config_only, kind, n, *sharded).estimate(uniform(RECOMPUTE)) for n in (1, 2))
     size = sizes(kind)
     assert half.peak_during == IN_LAYER

@@ -12,6 +12,7 @@ from tunelite.modules.loss import IGNORE_INDEX, LinearCrossEntropyLoss
 from tunelite.modules.lora import LoRALinear, set_trainable_params
 from tunelite.modules import nf4
 from tunelite.modules.nf4 import dequantize_nf4, frozen_linear, quantize_nf4
+from tunelite.training.memory_estimate import saved_tensors_per_token
 
 try:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
@@ -238,6 +239,10 @@ def test_the_gated_mlp_keeps_gate_and_up_and_the_product_only_for_a_trained_down
         out = mlp(x)
     out.sum().backward()
     assert len(storages) == kept
+    # and the memory estimate counts as many
+    adapters = {f"mlp.{name}": m for name, m in mlp.named_modules() if isinstance(m, LoRALinear)}
+    _, estimated = saved_tensors_per_token(TINY, 4, adapters, trains_base=not lora)
+    assert estimated.count(TINY.intermediate_dim * 4) == kept
 
 
 def test_a_compiled_gated_mlp_traces_whole_and_gives_eagers_gradients():

@@ -64,6 +64,8 @@ class LongRopeScaling:
 
 
 NORMS = ("rms", "rms_offset", "layer")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """The numbers and traits that tell one family and size from another; the code is shared.

@@ -78,7 +78,8 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
         return self.base(x) + lora
 
-    def forward_gated(self, product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    def forward_gated(self, product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      activation: str) -> torch.Tensor:
         """forward(product) for the gated MLP's product = act(gate) * up: the adapter recomputes
         the product in backward from gate and up (see tunelite.modules.gated_mlp) instead of
         keeping it. With dropout the adapter's input is not the product, so it runs as forward."""

@@ -718,7 +718,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
-        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all), attention_scores_bytes(args, p), args.num_heads * (args.resolved_head_dim * p + 4),
+        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all), attention_scores_bytes(args, p),
+        args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)),
     )

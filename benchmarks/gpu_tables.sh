@@ -25,6 +25,8 @@
 #   (call 14: an ad-hoc script on one GPU, the attention checks in fresh processes; call 15 re-runs them)
 #   bash benchmarks/gpu_tables.sh 15  # attention checks, each in a fresh process | alone: distributed LoRA on one GPU
 #                                     # beside the single-device recipe, then the full fine-tune on one GPU
+#   bash benchmarks/gpu_tables.sh 16  # next: torchtune compiled LoRA/QLoRA, ours under a budget with the gated MLP
+#                                     # keeping two tensors | Unsloth at 32k, ours eager and compiled
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -312,6 +314,30 @@ case $CALL in
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     row full-single-bf16 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 --warmup 1 \
         --accumulation-dtype bf16 > "$OUT/full.log" 2>&1
+    wait
+    ;;
+16)
+    # next: the gated MLP keeping w1 x and w3 x only: torchtune compiled LoRA/QLoRA beside ours under a
+    # 22 GiB budget | Unsloth at 32k beside ours compiled and eager (plans unchanged: a check)
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
+            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
+        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 \
+            --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
 esac

@@ -174,6 +174,39 @@ def test_the_loss_in_chunks_equals_the_loss_whole():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-6)
 
 
+class CountingOutput(torch.nn.Module):
+    def __init__(self, output: torch.nn.Module) -> None:
+        super().__init__()
+        self.output, self.calls = output, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.output(x)
+
+
+@pytest.mark.parametrize("trains", [False, True])
+def test_a_frozen_output_projection_gives_the_losss_gradient_from_one_projection_per_chunk(trains):
+    # Frozen (LoRA): each chunk projected once, its gradient taken at once; trained (full
+    # fine-tuning): checkpointed, projected again in backward for the weight's gradient.
+    model = random_model()
+    model.output.weight.requires_grad_(trains)
+    output = CountingOutput(model.output)
+    hidden = torch.randn(2, 70, TINY.embed_dim, requires_grad=True)
+    labels = torch.randint(0, TINY.vocab_size, (2, 70))
+    labels[:, :5] = IGNORE_INDEX
+    loss = LinearCrossEntropyLoss(num_chunks=1, max_chunk_tokens=16)  # 9 chunks
+    value = loss(hidden, labels, output) * 0.5
+    value.backward()
+    assert output.calls == (18 if trains else 9)
+    whole = F.cross_entropy(model.output(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX) * 0.5
+    inputs = [hidden] + ([model.output.weight] if trains else [])
+    wanted = torch.autograd.grad(whole, inputs)
+    torch.testing.assert_close(value, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, wanted[0], rtol=0, atol=1e-6)
+    if trains:
+        torch.testing.assert_close(model.output.weight.grad, wanted[1], rtol=1e-5, atol=1e-6)
+
+
 def test_long_batches_take_more_loss_chunks_than_configured():
     assert loss_chunks(2, 2048, num_chunks=8) == 8  # 512 tokens a chunk: as configured
     assert loss_chunks(1, 131072, num_chunks=8) == 128  # 1024 tokens a chunk, not 16k

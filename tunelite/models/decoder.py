@@ -14,7 +14,7 @@ hd head_dim, rd rotated dims.
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -428,6 +428,10 @@ class TiedOutput:
 
     def __init__(self, embedding: nn.Embedding, softcap: float | None = None) -> None:
         self.embedding, self.softcap = embedding, softcap
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The embedding's: what the projection trains when the embedding does (the loss asks)."""
+        return self.embedding.parameters()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.embedding.weight)

@@ -26,7 +26,7 @@
 #   bash benchmarks/gpu_tables.sh 15  # attention checks, each in a fresh process | alone: distributed LoRA on one GPU
 #                                     # beside the single-device recipe, then the full fine-tune on one GPU
 #   bash benchmarks/gpu_tables.sh 16  # next: torchtune compiled LoRA/QLoRA, ours under a budget with the gated MLP
-#                                     # keeping two tensors | Unsloth at 32k, ours eager and compiled
+#                                     # and the loss's gradient in forward | Unsloth at 32k, ours eager and compiled
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -65,6 +65,21 @@ lora_rows() {
         row "lora-distributed-${gpus}gpu $*" 60 python3 -m torch.distributed.run --standalone --nproc_per_node $gpus \
             benchmarks/recipe_bench.py lora_finetune_distributed llama3_1/8B_lora $CK --steps $steps --warmup $warmup "$@"
     done
+}
+
+# torchtune's compiled LoRA and QLoRA at 2 x 2048, then ours under a 22 GiB budget, on this chain's GPU.
+budget_rows_beside_torchtune() {
+    SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+    cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row budget-rows 150 python3 benchmarks/long_context_bench.py \
+        $CK --rows qlora-budget,lora-budget --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+}
+# Unsloth's QLoRA at 32k, then ours eager and compiled, under a 22 GiB cap, on this chain's GPU.
+long_rows_beside_unsloth() {
+    LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+    grep -a "^RESULT" "$OUT/unsloth.log"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row long-rows 120 python3 benchmarks/long_context_bench.py \
+        $CK --rows qlora:32768,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
 }
 
 ckpt() {
@@ -281,21 +296,12 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=0
         timeout 170 python3 benchmarks/attention_bench.py --model-check --seqs 2x2048,1x32768 > "$OUT/attention.log" 2>&1
         until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
-        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
-        grep -a "^RESULT" "$OUT/unsloth.log"
-        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 \
-            --time-limit $(( $(left) - 10 ))
+        long_rows_beside_unsloth
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
         until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
-        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
-            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+        budget_rows_beside_torchtune
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
@@ -317,26 +323,17 @@ case $CALL in
     wait
     ;;
 16)
-    # next: the gated MLP keeping w1 x and w3 x only: torchtune compiled LoRA/QLoRA beside ours under a
-    # 22 GiB budget | Unsloth at 32k beside ours compiled and eager (plans unchanged: a check)
+    # next: the gated MLP keeping w1 x and w3 x only, and the loss's gradient taken in forward:
+    # torchtune compiled LoRA/QLoRA beside ours under a 22 GiB budget | Unsloth at 32k beside ours
     python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
     ckpt
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
-        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
-            --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
+        budget_rows_beside_torchtune
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
-        grep -a "^RESULT" "$OUT/unsloth.log"
-        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-        row long-rows 120 python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 \
-            --time-limit $(( $(left) - 10 ))
+        long_rows_beside_unsloth
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

@@ -48,11 +48,11 @@ class LinearCrossEntropyLoss(nn.Module):
     def forward(
         self, hidden: torch.Tensor, labels: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        total = hidden.new_zeros((), dtype=torch.float32)
         chunks = loss_chunks(labels.shape[0], labels.shape[1], self.num_chunks, self.max_chunk_tokens)
         if torch.is_grad_enabled() and hidden.requires_grad and _frozen(output):
             total = _LossAndGradient.apply(hidden, labels, output, chunks, self.chunk_loss)
         else:
+            total = hidden.new_zeros((), dtype=torch.float32)
             for h, y in zip(hidden.chunk(chunks, dim=1), labels.chunk(chunks, dim=1)):
                 if torch.is_grad_enabled():
                     total = total + checkpoint(self.chunk_loss, output, h, y, use_reentrant=False)

@@ -7,13 +7,19 @@ chunked loss) on random fixed-length samples, written out as a recipe's loop, wi
     python ../shared/bench/make_random_ckpt.py /tmp/ck --size 8b
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/full_finetune_bench.py /tmp/ck \\
         [--batch 2] [--seq 2048] [--accumulation 8] [--steps 4] [--warmup 1] [--clip 1.0] \\
-        [--accumulation-dtype fp32|bf16] [--chunk-size 4194304] [--cpu-threads N]
+        [--accumulation-dtype fp32|bf16] [--chunk-size 4194304] [--cpu-threads N] [--accumulate-on-device]
 
 prints one `RESULT` line: tokens/s over the steps after warm-up (batch x seq x accumulation per
 step), peak allocated / reserved GPU memory and peak host RSS since loading finished, and where
 the host waited: `norm_wait_s` (per step, for the last gradients to be added after backward),
 `forward_wait_s` (per step, the forward's wait for updated weights: the GPU's idle time, near
 enough), `update_s` (per step, the worker's first update to its last weight sent back).
+
+Before trusting a new path's speed, its numbers: `--check` trains a small Llama (two layers of
+256) on the device for 3 steps of 3 micro-batches with the optimizer as configured (e.g. with
+`--accumulate-on-device`, whose copies run on CUDA streams) and with torch's fused AdamW, and
+prints the largest difference between their weights (`RESULT bench=full_finetune_check ...`;
+fp32, so differences of ~1e-7 are rounding).
 
 On any machine, the CPU side alone (what the brief's "whichever is faster" compares):
 
@@ -26,6 +32,8 @@ step, at several chunk sizes, and the accumulation into bf16 (one whole-tensor a
 """
 
 import argparse
+import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -35,7 +43,9 @@ from omegaconf import OmegaConf
 from tunelite.checkpointing import HFCheckpointer
 from tunelite.checkpointing.loading import load_checkpoint_into
 from tunelite.config import instantiate
+from tunelite.models.decoder import decoder
 from tunelite.models.llama import set_activation_checkpointing
+from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
 from tunelite.training.offload_optimizer import (
     ACCUMULATION_DTYPES,
@@ -126,7 +136,8 @@ def train(a: argparse.Namespace) -> None:
 
     optimizer = OverlappedCPUAdamW(model.parameters(), lr=2e-5, weight_decay=0.01,
                                    accumulation_dtype=ACCUMULATION_DTYPES[a.accumulation_dtype],
-                                   chunk_size=a.chunk_size, on_event=on_event)
+                                   chunk_size=a.chunk_size, on_event=on_event,
+                                   accumulate_on_device=a.accumulate_on_device)
     # The forward's wait for weights: a hook before the optimizer's and one after it, per block.
     forward_wait, entered = [0.0], [0.0]
     blocks = list(forward_blocks(model))
@@ -171,6 +182,7 @@ def train(a: argparse.Namespace) -> None:
     update = sum(times["weight_copied"][(i + 1) * params - 1] - times["stepped"][i * params] for i in range(steps))
     print(f"RESULT bench=full_finetune optimizer=overlapped_cpu_adamw batch={a.batch} seq={a.seq} "
           f"accumulation={a.accumulation} accumulation_dtype={a.accumulation_dtype} clip={a.clip} "
+          f"accumulate_on_device={a.accumulate_on_device} "
           f"chunk_size={a.chunk_size} cpu_threads={torch.get_num_threads()} steps={steps} "
           f"tokens_per_s={steps * a.accumulation * a.batch * a.seq / seconds:.0f} "
           f"peak_alloc_gib={torch.cuda.max_memory_allocated() / GIB if cuda else 0:.2f} "
@@ -180,6 +192,41 @@ def train(a: argparse.Namespace) -> None:
           f"norm_wait_s={norm_wait / steps:.2f} forward_wait_s={forward_wait[0] / steps:.2f} "
           f"update_s={update / steps:.2f} step_s={seconds / steps:.2f} loss={loss.item() * a.accumulation:.4f}",
           flush=True)
+
+
+def check(a: argparse.Namespace) -> None:
+    """The optimizer as configured against torch's fused AdamW, on a small fp32 Llama on the device."""
+    device = torch.device(a.device)
+    args = dataclasses.replace(LLAMA3_1_8B, num_layers=2, embed_dim=256, num_heads=4, num_kv_heads=2,
+                               intermediate_dim=512, vocab_size=1000)
+    torch.manual_seed(0)
+    with device:
+        ours = decoder(args)
+    reference = copy.deepcopy(ours)
+    optimizer = OverlappedCPUAdamW(ours.parameters(), lr=1e-3, weight_decay=0.01,
+                                   accumulation_dtype=ACCUMULATION_DTYPES[a.accumulation_dtype],
+                                   chunk_size=min(a.chunk_size, 4096), accumulate_on_device=a.accumulate_on_device)
+    optimizer.wait_in_forward(ours)
+    fused = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    loss_fn = LinearCrossEntropyLoss(num_chunks=2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        window = [torch.randint(0, args.vocab_size, (2, 64), generator=g).to(device) for _ in range(3)]
+        for model in (ours, reference):
+            for tokens in window:
+                (loss_fn(model.hidden_states(tokens), tokens, model.output) / len(window)).backward()
+        norm = optimizer.total_grad_norm()
+        optimizer.clip_grads_with_norm_(a.clip, norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), a.clip)
+        fused.step()
+        fused.zero_grad()
+    optimizer.wait()
+    difference = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), reference.parameters()))
+    print(f"RESULT bench=full_finetune_check device={device.type} accumulation_dtype={a.accumulation_dtype} "
+          f"accumulate_on_device={a.accumulate_on_device} max_weight_diff={difference:.3g}", flush=True)
+    optimizer.close()
 
 
 def main() -> None:
@@ -196,6 +243,9 @@ def main() -> None:
     ap.add_argument("--accumulation-dtype", choices=sorted(ACCUMULATION_DTYPES), default="fp32")
     ap.add_argument("--chunk-size", type=int, default=2**22)
     ap.add_argument("--cpu-threads", type=int, help="torch's intra-op threads (default: torch's choice)")
+    ap.add_argument("--accumulate-on-device", action="store_true",
+                    help="micro-batches after the first are added into the host accumulators on the device")
+    ap.add_argument("--check", action="store_true", help="the optimizer's weights against torch AdamW's, small model")
     ap.add_argument("--cpu-kernels", action="store_true", help="time the CPU kernels only")
     ap.add_argument("--numel", type=int, default=2**28)
     ap.add_argument("--reps", type=int, default=5)
@@ -204,6 +254,8 @@ def main() -> None:
         torch.set_num_threads(a.cpu_threads)
     if a.cpu_kernels:
         cpu_kernels(a.numel, [2**20, 2**22, 2**24], a.reps)
+    elif a.check:
+        check(a)
     elif a.checkpoint:
         train(a)
     else:

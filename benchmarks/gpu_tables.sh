@@ -27,6 +27,7 @@
 #                                     # beside the single-device recipe, then the full fine-tune on one GPU
 #   bash benchmarks/gpu_tables.sh 16  # next: torchtune compiled LoRA/QLoRA, ours under a budget with the gated MLP
 #                                     # and the loss's gradient in forward | Unsloth at 32k, ours eager and compiled
+#   bash benchmarks/gpu_tables.sh 17  # next, one GPU: the full fine-tune's check, then host adding vs device adding
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -336,6 +337,21 @@ case $CALL in
         long_rows_beside_unsloth
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    ;;
+17)
+    # next, one GPU, nothing beside it: the full fine-tune's check (the device-adding path's CUDA streams
+    # against torch's AdamW), then its speed with the host adding and with the device adding
+    python3 -c "import torch; x = torch.ones(110 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    for flag in "" --accumulate-on-device; do
+        timeout 60 python3 benchmarks/full_finetune_bench.py --check --accumulation-dtype bf16 $flag 2>&1 | grep RESULT
+    done > "$OUT/check.log"
+    for flag in "" --accumulate-on-device; do
+        row "full-single-bf16 $flag" 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 \
+            --warmup 1 --accumulation-dtype bf16 $flag
+    done > "$OUT/full.log" 2>&1
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -5,6 +5,7 @@ the first blocks' forward while the last parameters are still being updated."""
 
 import copy
 import functools
+import importlib.util
 import io
 import json
 import shutil
@@ -25,6 +26,7 @@ from tunelite.training import offload_optimizer
 from tunelite.training.offload_optimizer import (
     OverlappedCPUAdamW,
     _StagingRing,
+    device_memory,
     forward_blocks,
     host_memory,
     overlapped_cpu_adamw,
@@ -77,12 +79,14 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host adds", "device adds"])
 @pytest.mark.parametrize("accumulation, clip", [(1, None), (3, None), (3, 0.05)])
-def test_trains_as_torch_adamw_with_accumulation_clipping_and_a_schedule(accumulation, clip):
+def test_trains_as_torch_adamw_with_accumulation_clipping_and_a_schedule(accumulation, clip, on_device):
     steps = micro_batches(6, accumulation)
     model = random_model()
     plain, fused = copy.deepcopy(model), copy.deepcopy(model)
-    optimizer = overlapped_cpu_adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000)
+    optimizer = overlapped_cpu_adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000,
+                                     accumulate_on_device=on_device)
     optimizer.wait_in_forward(model)
     train_overlapped(model, optimizer, cosine_schedule_with_warmup(optimizer, 2, len(steps)), steps, clip)
     optimizer.wait()
@@ -95,13 +99,16 @@ def test_trains_as_torch_adamw_with_accumulation_clipping_and_a_schedule(accumul
     optimizer.close()
 
 
-def test_the_norm_is_taken_with_the_last_micro_batch_once_the_step_count_is_known(monkeypatch):
-    """After a step, the worker takes each gradient's norm as the last micro-batch lands, so the
-    loop's norm waits for no pass of its own; a step with another count still gets its true norm."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["host adds", "device adds"])
+def test_the_norm_is_taken_with_the_last_micro_batch_once_the_step_count_is_known(monkeypatch, on_device):
+    """After a step, each gradient's norm is taken as the last micro-batch lands (by the worker,
+    or on the device), so the loop's norm waits for no pass of its own; a step with another count
+    still gets its true norm."""
     windows = [micro_batches(1, count, seed=i)[0] for i, count in enumerate((3, 3, 3, 2, 4))]
     model = random_model()
     plain = copy.deepcopy(model)
-    optimizer = overlapped_cpu_adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000)
+    optimizer = overlapped_cpu_adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000,
+                                     accumulate_on_device=on_device)
     after_backward = []  # parameters whose norm the loop's call had to take itself, per step
     real = offload_optimizer.squared_norm
     monkeypatch.setattr(offload_optimizer, "squared_norm", lambda *args: after_backward.append(1) or real(*args))
@@ -162,7 +169,8 @@ def test_a_state_of_other_parameters_is_refused():
     other.close()
 
 
-def test_events_come_in_the_order_that_makes_the_overlap_safe():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host adds", "device adds"])
+def test_events_come_in_the_order_that_makes_the_overlap_safe(on_device):
     """Gradient copied (each micro-batch) -> every gradient of the step in -> updates in forward
     order, each sent back -> the block's next forward. And the overlap: in the second step the
     worker is held before updating each block until the block before it has run its forward,
@@ -186,7 +194,7 @@ def test_events_come_in_the_order_that_makes_the_overlap_safe():
         if ("step", 1) in log:
             ran[i].set()
 
-    optimizer = OverlappedCPUAdamW(model.parameters(), lr=1e-3, on_event=on_event)
+    optimizer = OverlappedCPUAdamW(model.parameters(), lr=1e-3, on_event=on_event, accumulate_on_device=on_device)
     optimizer.wait_in_forward(model)
     for i, block in enumerate(blocks):  # after the optimizer's own hooks, so they see what those let through
         block.register_forward_pre_hook(functools.partial(forward_ran, i))
@@ -216,13 +224,14 @@ def test_events_come_in_the_order_that_makes_the_overlap_safe():
             assert second.index(("forward", block - 1)) < second.index(("stepped", index))
 
 
-def test_a_nan_gradient_reaches_no_weight_and_the_skipped_step_leaves_no_trace():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host adds", "device adds"])
+def test_a_nan_gradient_reaches_no_weight_and_the_skipped_step_leaves_no_trace(on_device):
     """The NaN enters the embedding's gradient, the last to land: had updates started as
     gradients landed, every other weight would have moved already."""
     model = random_model()
     reference = copy.deepcopy(model)
     before = copy.deepcopy(model.state_dict())
-    optimizer = OverlappedCPUAdamW(model.parameters(), lr=1e-3)
+    optimizer = OverlappedCPUAdamW(model.parameters(), lr=1e-3, accumulate_on_device=on_device)
     optimizer.wait_in_forward(model)
     bad, good = micro_batches(2, 2)
     poison = model.tok_embeddings.weight.register_hook(lambda grad: grad * float("nan"))
@@ -261,6 +270,11 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
     fixed = 2 * 4096 * 2 + 4 * 256  # staging ring (twice the largest gradient, bf16) and scratch
     assert sum(fp32.values()) == 16 * 6144 + fixed
     assert sum(bf16.values()) == 14 * 6144 + fixed
+    # the device adding into the accumulators needs no staging ring, and holds three chunks itself
+    on_device = host_memory(numels, torch.bfloat16, torch.bfloat16, chunk_size=256, accumulate_on_device=True)
+    assert sum(on_device.values()) == 14 * 6144 + 4 * 256
+    assert device_memory(torch.bfloat16, 256, accumulate_on_device=True) == (2 * 2 + 4) * 256
+    assert device_memory(torch.bfloat16, 256) == 0
 
 
 def test_a_machine_without_that_much_free_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
@@ -351,3 +365,24 @@ def test_estimate_states_the_host_memory_it_takes(tmp_path, capsys):
     assert "optimizer state          0.00 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out
     assert "host memory for the optimizer: 106.68 GiB" in out  # the config accumulates in bf16
     assert "gradient accumulator (pinned) 14.96 GiB" in out
+    # the device adding: its three chunks on the GPU, no staging ring on the host
+    assert main(["estimate", "full_finetune_single_device", "--config", "llama3_1/8B_full_single_device",
+                 f"checkpointer.checkpoint_dir={tmp_path}", "--gpu-memory", "24GB",
+                 "+optimizer.accumulate_on_device=True"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state          0.03 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out  # (2 x 2 + 4) x 4M
+    assert "host memory for the optimizer: 104.72 GiB" in out and "staging ring" not in out
+
+
+def test_the_benchmarks_check_trains_as_torch_adamw_either_way(monkeypatch, capsys):
+    # What the GPU machine runs first for a new path (its copies on CUDA streams there).
+    spec = importlib.util.spec_from_file_location(
+        "full_finetune_bench", Path(__file__).parent.parent / "benchmarks" / "full_finetune_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for flag in ([], ["--accumulate-on-device"]):
+        monkeypatch.setattr("sys.argv", ["full_finetune_bench.py", "--check", "--device", "cpu", *flag])
+        bench.main()
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"accumulate_on_device={bool(flag)}" in line
+        assert float(line.rsplit("max_weight_diff=", 1)[1]) < 1e-5

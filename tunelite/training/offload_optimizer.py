@@ -19,6 +19,13 @@ memory, and the CPU runs the update while the GPU computes. For each parameter p
   forward   each block of the model waits for its own parameters' events before it runs
             (`wait_in_forward`), so the first layers compute while the CPU updates the last.
 
+With `accumulate_on_device`, backward's copies differ: the first micro-batch's gradient is copied
+into the accumulator as it is; each later one is added on the device, the accumulator streamed
+in and back out chunk by chunk on two side streams (both directions of the bus at once), so host
+memory sees each accumulator read and written once a micro-batch by DMA, instead of the staging
+write and the worker's three passes (read staging, read and write the accumulator). The worker
+then only waits for the last copy; the last micro-batch's norm is taken on the device.
+
 The update waits for every gradient rather than starting with each parameter's last one: the
 clip scale needs the total norm, and a NaN in the embedding's gradient (the last to arrive) must
 leave every weight unchanged. Exact AdamW semantics, and a skipped step that is a real skip,
@@ -29,6 +36,7 @@ each job's tensor operations run on torch's intra-op threads. On the CPU (tests,
 code runs with host-to-host copies.
 """
 
+import contextlib
 import math
 import threading
 import weakref
@@ -56,31 +64,46 @@ EventCallback = Callable[[str, int], None]
 def overlapped_cpu_adamw(
     params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     weight_decay: float = 1e-2, accumulation_dtype: str = "fp32", chunk_size: int = 2**22,
+    accumulate_on_device: bool = False,
 ) -> "OverlappedCPUAdamW":
     """The optimizer a config names (`accumulation_dtype` as a string, so YAML can say it).
 
     `accumulation_dtype: bf16` halves the accumulator (2 bytes a parameter less host memory and
     less host memory traffic per micro-batch): exact with gradient_accumulation_steps 1, rounded
-    like bf16 training's own accumulation otherwise. `chunk_size`: values per fused operation."""
+    like bf16 training's own accumulation otherwise. `chunk_size`: values per fused operation.
+    `accumulate_on_device`: micro-batches after the first are added on the device (see the
+    module's docstring), for hosts whose memory bandwidth a micro-batch waits on."""
     if accumulation_dtype not in ACCUMULATION_DTYPES:
         raise ConfigError(f"optimizer.accumulation_dtype: {accumulation_dtype!r} is not one of "
                           f"{sorted(ACCUMULATION_DTYPES)}")
-    return OverlappedCPUAdamW(params, lr, betas, eps, weight_decay, ACCUMULATION_DTYPES[accumulation_dtype], chunk_size)
+    return OverlappedCPUAdamW(params, lr, betas, eps, weight_decay, ACCUMULATION_DTYPES[accumulation_dtype], chunk_size,
+                              accumulate_on_device=accumulate_on_device)
 
 
 def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype: torch.dtype = torch.float32,
-                chunk_size: int = 2**22) -> dict[str, int]:
+                chunk_size: int = 2**22, accumulate_on_device: bool = False) -> dict[str, int]:
     """Host bytes the optimizer takes for parameters of these sizes, by what holds them: what
     `tunelite estimate` reports and what the optimizer checks against the machine's free memory.
     Per parameter: 12 bytes pageable (fp32 master and two moments) and, pinned, the accumulator
-    (4 bytes in fp32, 2 in bf16), which also carries the updated weights back to the device."""
-    return {
+    (4 bytes in fp32, 2 in bf16), which also carries the updated weights back to the device; the
+    staging ring unless the device accumulates."""
+    needed = {
         "fp32 master weights": 4 * sum(numels),
         "AdamW moments (fp32)": 8 * sum(numels),
         "gradient accumulator (pinned)": sum(_aligned(n * accumulation_dtype.itemsize) for n in numels),
         "gradient staging ring (pinned)": _staging_numel(numels) * weight_dtype.itemsize,
         "scratch": 4 * chunk_size,
     }
+    if accumulate_on_device:
+        del needed["gradient staging ring (pinned)"]
+    return needed
+
+
+def device_memory(accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = 2**22,
+                  accumulate_on_device: bool = False) -> int:
+    """Device bytes the optimizer holds: with `accumulate_on_device`, two chunks of the
+    accumulator in flight and the fp32 copy of one for the last micro-batch's norm."""
+    return (2 * accumulation_dtype.itemsize + 4) * chunk_size if accumulate_on_device else 0
 
 
 def check_host_memory(needed: dict[str, int], meminfo: Path | None = None) -> None:
@@ -119,6 +142,8 @@ class _Slot:
     sumsq: float | None = None  # squared norm of `accum` as it is; None: not taken since its last change
     ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
     sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
+    arrived: int = 0  # accumulate_on_device: gradients sent this step (the autograd and main threads' count)
+    accumulated: Any = None  # accumulate_on_device: CUDA event after the last copy back into `accum`
 
 
 class _StagingRing:
@@ -188,7 +213,7 @@ class OverlappedCPUAdamW:
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 1e-2, accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = 2**22,
-        on_event: EventCallback | None = None,
+        on_event: EventCallback | None = None, accumulate_on_device: bool = False,
     ) -> None:
         self.param_groups = _param_groups(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                                    "weight_decay": weight_decay})
@@ -205,14 +230,20 @@ class OverlappedCPUAdamW:
             raise ValueError(f"accumulating {weight_dtype} gradients in {accumulation_dtype} would round them; "
                              "accumulate in fp32")
         numels = [p.numel() for p, _ in pairs]
-        needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size)
+        needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size, accumulate_on_device)
         check_host_memory(needed)
 
         self.on_event = on_event
         cuda = self.device.type == "cuda"
         slot_bytes = accumulation_dtype.itemsize
         self._pinned = _host_buffer(needed["gradient accumulator (pinned)"], torch.uint8, cuda)
-        self._ring = _StagingRing(_host_buffer(_staging_numel(numels), weight_dtype, cuda))
+        self._ring = None if accumulate_on_device else _StagingRing(
+            _host_buffer(_staging_numel(numels), weight_dtype, cuda))
+        # accumulate_on_device: two chunks of accumulator on the device, one streamed in while the
+        # other goes back out, each free again once its copy out has run (`_chunk_free`).
+        self._device_chunks = ([torch.empty(chunk_size, dtype=accumulation_dtype, device=self.device)
+                                for _ in range(2)] if accumulate_on_device else None)
+        self._chunk_free: list[Any] = [None, None]
         self._scratch = torch.empty(chunk_size, dtype=torch.float32)
         self._slots: list[_Slot] = []
         self._hooks: list[Any] = []
@@ -235,7 +266,8 @@ class OverlappedCPUAdamW:
         self._micro_batches = 0  # the last step's, at whose landing the worker takes each norm (0: unknown)
         if cuda:
             self._to_host, self._to_device = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
-        self._worker = _Worker([self._pinned, self._ring.buffer] if cuda else [])
+            self._fetch = torch.cuda.Stream(self.device)  # accumulate_on_device: chunks in, and the adds
+        self._worker = _Worker([self._pinned] + ([self._ring.buffer] if self._ring else []) if cuda else [])
         self._stop_worker = weakref.finalize(self, self._worker.stop)
 
     # The main thread's side: what the loop calls.
@@ -267,6 +299,7 @@ class OverlappedCPUAdamW:
         scale = None if self._grad_scale == 1.0 else torch.tensor(1.0 / self._grad_scale, dtype=torch.float32)
         self._grad_scale = 1.0
         for slot in self._slots:
+            slot.arrived = 0
             if not slot.landed:
                 continue  # no gradient: untouched, moments included, as torch.optim leaves it
             group = slot.group
@@ -281,6 +314,8 @@ class OverlappedCPUAdamW:
         """Forgets the gradients accumulated since the last update, and any clip scale (the loop's
         skip of a non-finite step); there are never any on the device to free."""
         self._grad_scale = 1.0
+        for slot in self._slots:
+            slot.arrived = 0
         self._worker.jobs.put(self._forget_gradients)
 
     def wait(self) -> None:
@@ -355,6 +390,10 @@ class OverlappedCPUAdamW:
         its device memory is given back, once the copy has read it."""
         self._raise_if_failed()
         grad = param.grad
+        if self._device_chunks is not None:
+            self._accumulate_on_device(slot, grad)
+            param.grad = None
+            return
         region = self._ring.reserve(grad.numel(), self._raise_if_failed)
         copied = None
         if grad.is_cuda:
@@ -368,6 +407,52 @@ class OverlappedCPUAdamW:
             region.copy_(grad.reshape(-1))
         param.grad = None
         self._worker.jobs.put(partial(self._land, slot, region, copied))
+
+    def _accumulate_on_device(self, slot: _Slot, grad: torch.Tensor) -> None:
+        """The gradient into its host accumulator, chunk by chunk: copied for the step's first
+        micro-batch, added on the device for the others (the accumulator's chunk streamed in,
+        added to, streamed back out); with the step's last (as many as the step before had) the
+        sum's squared norm is taken on the device too."""
+        first, last = slot.arrived == 0, slot.arrived + 1 == self._micro_batches
+        slot.arrived += 1
+        flat, accum = grad.reshape(-1), slot.accum
+        sumsq = torch.zeros((), dtype=torch.float64, device=grad.device) if last else None
+        cuda = grad.is_cuda
+        if cuda:
+            compute = torch.cuda.current_stream(grad.device)
+            self._fetch.wait_stream(compute)
+            if slot.accumulated is not None:  # the previous micro-batch's copy out of this accumulator
+                self._fetch.wait_event(slot.accumulated)
+        for i, (lo, hi) in enumerate(_chunks(flat.numel(), self._device_chunks[0].numel())):
+            chunk = self._device_chunks[i % 2][:hi - lo]
+            with torch.cuda.stream(self._fetch) if cuda else _nothing():
+                if cuda and self._chunk_free[i % 2] is not None:
+                    self._fetch.wait_event(self._chunk_free[i % 2])
+                if first:
+                    chunk.copy_(flat[lo:hi])
+                else:
+                    chunk.copy_(accum[lo:hi], non_blocking=True)
+                    chunk.add_(flat[lo:hi])
+                if sumsq is not None:  # in fp32 chunk by chunk, as `squared_norm` takes it on the host
+                    values = chunk.float()
+                    sumsq += torch.dot(values, values)
+                filled = torch.cuda.Event() if cuda else None
+                if cuda:
+                    filled.record()
+            with torch.cuda.stream(self._to_host) if cuda else _nothing():
+                if cuda:
+                    self._to_host.wait_event(filled)
+                accum[lo:hi].copy_(chunk, non_blocking=cuda)
+                if cuda:
+                    self._chunk_free[i % 2] = torch.cuda.Event()
+                    self._chunk_free[i % 2].record()
+        if cuda:
+            slot.accumulated = torch.cuda.Event(blocking=True)  # the worker sleeps on it
+            slot.accumulated.record(self._to_host)
+            grad.record_stream(self._fetch)
+            if sumsq is not None:
+                sumsq.record_stream(self._fetch)
+        self._worker.jobs.put(partial(self._accumulated, slot, slot.accumulated if cuda else None, sumsq))
 
     def _before_forward(self, slots: list[_Slot], module: nn.Module, args: Any) -> None:
         self._wait_for(slots)
@@ -410,6 +495,18 @@ class OverlappedCPUAdamW:
             self._emit("grad_copied", slot.index)
         finally:
             self._ring.release()
+
+    def _accumulated(self, slot: _Slot, done: Any, sumsq: torch.Tensor | None) -> None:
+        """Counts a gradient the device added into its accumulator, once its last copy has run."""
+        if self._worker.error is not None:
+            return
+        if done is not None:
+            done.synchronize()
+        # read on the side stream that computed it: on the default stream the read would wait for backward
+        with torch.cuda.stream(self._fetch) if done is not None else _nothing():
+            slot.sumsq = None if sumsq is None else float(sumsq)
+        slot.landed += 1
+        self._emit("grad_copied", slot.index)
 
     def _update(self, slot: _Slot, settings: dict[str, float], grad_scale: torch.Tensor | None) -> None:
         """AdamW on one parameter's fp32 master and moments (the clip scale divides the gradient
@@ -496,6 +593,12 @@ def adamw_update(
         torch._fused_adamw_([master[lo:hi]], [g], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [], [step],
                             amsgrad=False, maximize=False, grad_scale=grad_scale, **settings)
         weights_out[lo:hi].copy_(master[lo:hi])
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    """In place of a CUDA stream's context on the CPU."""
+    yield
 
 
 def _chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:

@@ -449,9 +449,9 @@ class OverlappedCPUAdamW:
         if cuda:
             slot.accumulated = torch.cuda.Event(blocking=True)  # the worker sleeps on it
             slot.accumulated.record(self._to_host)
-            grad.record_stream(self._fetch)
-            if sumsq is not None:
-                sumsq.record_stream(self._fetch)
+            for used in (grad, flat, sumsq):  # read on the side streams after this returns (flat: a copy, if any)
+                if used is not None:
+                    used.record_stream(self._fetch)
         self._worker.jobs.put(partial(self._accumulated, slot, slot.accumulated if cuda else None, sumsq))
 
     def _before_forward(self, slots: list[_Slot], module: nn.Module, args: Any) -> None:

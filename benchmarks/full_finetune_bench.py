@@ -49,6 +49,7 @@ from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
 from tunelite.training.offload_optimizer import (
     ACCUMULATION_DTYPES,
+    CHUNK_SIZE,
     OverlappedCPUAdamW,
     accumulate,
     adamw_update,
@@ -241,7 +242,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--clip", type=float, default=1.0, help="max gradient norm; 0 for none")
     ap.add_argument("--accumulation-dtype", choices=sorted(ACCUMULATION_DTYPES), default="fp32")
-    ap.add_argument("--chunk-size", type=int, default=2**22)
+    ap.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     ap.add_argument("--cpu-threads", type=int, help="torch's intra-op threads (default: torch's choice)")
     ap.add_argument("--accumulate-on-device", action="store_true",
                     help="micro-batches after the first are added into the host accumulators on the device")

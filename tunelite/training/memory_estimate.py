@@ -64,7 +64,7 @@ from tunelite.modules.offload import MIN_OFFLOAD_BYTES
 from tunelite.modules.nf4 import BLOCK_SIZE as NF4_BLOCK
 from tunelite.recipe_registry import RecipeDeclarations
 from tunelite.runtime.device import get_dtype
-from tunelite.training.offload_optimizer import ACCUMULATION_DTYPES, device_memory, host_memory
+from tunelite.training.offload_optimizer import ACCUMULATION_DTYPES, CHUNK_SIZE, device_memory, host_memory
 
 GIB = 2**30
 OFFLOAD_OPTIMIZER = "tunelite.training.optimizers.cpu_offload_optimizer"
@@ -675,7 +675,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
     }
     if str(cfg.optimizer._component_) == OVERLAPPED_OPTIMIZER:
         accumulation = ACCUMULATION_DTYPES.get(str(cfg.optimizer.get("accumulation_dtype", "fp32")), torch.float32)
-        chunk, on_device = int(cfg.optimizer.get("chunk_size", 2**22)), bool(cfg.optimizer.get("accumulate_on_device"))
+        chunk = int(cfg.optimizer.get("chunk_size", CHUNK_SIZE))
+        on_device = bool(cfg.optimizer.get("accumulate_on_device"))
         host = host_memory([params[n].numel() for n in trained], dtype, accumulation, chunk, on_device)
         state += device_memory(accumulation, chunk, on_device)  # its chunks of accumulator on the device
         notes += (f"host memory for the optimizer: {gib(sum(host.values()))} ("

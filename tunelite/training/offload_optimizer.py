@@ -57,13 +57,15 @@ ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GIB = 2**30
 # Each parameter's region of the flat pinned buffer starts on a cache line.
 ALIGN = 64
+# Values per fused operation of the update, and per chunk of an accumulator on the device.
+CHUNK_SIZE = 2**22
 
 EventCallback = Callable[[str, int], None]
 
 
 def overlapped_cpu_adamw(
     params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-    weight_decay: float = 1e-2, accumulation_dtype: str = "fp32", chunk_size: int = 2**22,
+    weight_decay: float = 1e-2, accumulation_dtype: str = "fp32", chunk_size: int = CHUNK_SIZE,
     accumulate_on_device: bool = False,
 ) -> "OverlappedCPUAdamW":
     """The optimizer a config names (`accumulation_dtype` as a string, so YAML can say it).
@@ -81,7 +83,7 @@ def overlapped_cpu_adamw(
 
 
 def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype: torch.dtype = torch.float32,
-                chunk_size: int = 2**22, accumulate_on_device: bool = False) -> dict[str, int]:
+                chunk_size: int = CHUNK_SIZE, accumulate_on_device: bool = False) -> dict[str, int]:
     """Host bytes the optimizer takes for parameters of these sizes, by what holds them: what
     `tunelite estimate` reports and what the optimizer checks against the machine's free memory.
     Per parameter: 12 bytes pageable (fp32 master and two moments) and, pinned, the accumulator
@@ -99,7 +101,7 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
     return needed
 
 
-def device_memory(accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = 2**22,
+def device_memory(accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = CHUNK_SIZE,
                   accumulate_on_device: bool = False) -> int:
     """Device bytes the optimizer holds: with `accumulate_on_device`, two chunks of the
     accumulator in flight and the fp32 copy of one for the last micro-batch's norm."""
@@ -212,7 +214,7 @@ class OverlappedCPUAdamW:
 
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float = 1e-2, accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = 2**22,
+        weight_decay: float = 1e-2, accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = CHUNK_SIZE,
         on_event: EventCallback | None = None, accumulate_on_device: bool = False,
     ) -> None:
         self.param_groups = _param_groups(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
@@ -425,7 +427,7 @@ class OverlappedCPUAdamW:
                 self._fetch.wait_event(slot.accumulated)
         for i, (lo, hi) in enumerate(_chunks(flat.numel(), self._device_chunks[0].numel())):
             chunk = self._device_chunks[i % 2][:hi - lo]
-            with torch.cuda.stream(self._fetch) if cuda else _nothing():
+            with torch.cuda.stream(self._fetch) if cuda else contextlib.nullcontext():
                 if cuda and self._chunk_free[i % 2] is not None:
                     self._fetch.wait_event(self._chunk_free[i % 2])
                 if first:
@@ -439,7 +441,7 @@ class OverlappedCPUAdamW:
                 filled = torch.cuda.Event() if cuda else None
                 if cuda:
                     filled.record()
-            with torch.cuda.stream(self._to_host) if cuda else _nothing():
+            with torch.cuda.stream(self._to_host) if cuda else contextlib.nullcontext():
                 if cuda:
                     self._to_host.wait_event(filled)
                 accum[lo:hi].copy_(chunk, non_blocking=cuda)
@@ -503,7 +505,7 @@ class OverlappedCPUAdamW:
         if done is not None:
             done.synchronize()
         # read on the side stream that computed it: on the default stream the read would wait for backward
-        with torch.cuda.stream(self._fetch) if done is not None else _nothing():
+        with torch.cuda.stream(self._fetch) if done is not None else contextlib.nullcontext():
             slot.sumsq = None if sumsq is None else float(sumsq)
         slot.landed += 1
         self._emit("grad_copied", slot.index)
@@ -593,12 +595,6 @@ def adamw_update(
         torch._fused_adamw_([master[lo:hi]], [g], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [], [step],
                             amsgrad=False, maximize=False, grad_scale=grad_scale, **settings)
         weights_out[lo:hi].copy_(master[lo:hi])
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    """In place of a CUDA stream's context on the CPU."""
-    yield
 
 
 def _chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:

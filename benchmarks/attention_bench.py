@@ -29,7 +29,6 @@ and under two policies at once (one process, as training runs), their LoRA gradi
 import argparse
 import contextlib
 import dataclasses
-import statistics
 import subprocess
 import sys
 
@@ -43,6 +42,8 @@ from tunelite.modules.attention import attend
 from tunelite.modules.lora import set_trainable_params
 from tunelite.modules.memory_policy import KEEP, RECOMPUTE, RECOMPUTE_ATTENTION, set_memory_policy
 from tunelite.training.compile import compile_layers
+
+from layer_levers import timed  # a sibling script: run from benchmarks/, or with it on the path
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -89,19 +90,6 @@ def kernel_of(run, q, k, v, grad) -> str:
         if any(mark in names for mark in marks):
             return kernel
     return "other"
-
-
-def time_ms(run, q, k, v, grad, reps: int) -> float:
-    forward_backward(run, q, k, v, grad)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward_backward(run, q, k, v, grad)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
@@ -205,7 +193,7 @@ def main() -> None:
         flops = 2 * batch * HEADS * seq * seq * HEAD_DIM * 3.5
         for name, run in {**runs, "attend-compiled": compiled_attend}.items():
             try:
-                ms = time_ms(run, q, k, v, grad, args.reps)
+                ms = timed(lambda: forward_backward(run, q, k, v, grad), repeat=args.reps, warmup=1)
                 print(f"RESULT seq={shape} path={name} kernel={kernel_of(run, q, k, v, grad)} ms={ms:.2f} "
                       f"tflops={flops / ms / 1e9:.0f}", flush=True)
             except RuntimeError as error:

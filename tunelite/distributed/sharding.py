@@ -83,9 +83,9 @@ def shard_model(
     called) stay whole on every rank and are never gathered: no weight all-gathers of the frozen
     base, for as much memory as one device holds it in. FSDP neither moves nor casts them, so the
     loader gives them the training dtype and device. What trains is then the root's alone, one
-    unit: with a unit per layer, the 2-GPU LoRA step kept ~70% of a GPU's throughput, where two
-    single-device runs side by side keep all of it, so the per-layer collectives (each a point
-    where the ranks wait for one another) are the suspect; one unit has two a step."""
+    unit, two collectives a step: with a unit per layer (three collectives a layer, each a point
+    where the ranks wait for one another) two H200s ran 1.45-1.60x one GPU, with one unit 2.06x
+    (docs/benchmarks.md)."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp_policy = mixed_precision(dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()

@@ -61,7 +61,11 @@ class _LoRADown(torch.autograd.Function):
         gate, up, lora_a, lora_b, low = ctx.saved_tensors
         grad_low = grad @ (lora_b * ctx.scaling)
         grad_b = (grad.flatten(0, -2).t() @ low.flatten(0, -2)) * ctx.scaling
-        product = ACTIVATIONS[ctx.activation](gate) * up  # recomputed, freed once A's gradient is taken
+        # Recomputed, and freed once A's gradient is taken. Written up * act(gate), not as forward's
+        # act(gate) * up: compiled, AOT autograd's common subexpression elimination would otherwise
+        # merge it into forward's product, which a matmul in backward then needs: the partitioner
+        # keeps such a tensor rather than recompute it, one more (tokens x intermediate) a layer.
+        product = up * ACTIVATIONS[ctx.activation](gate)
         grad_a = grad_low.flatten(0, -2).t() @ product.flatten(0, -2)
         return grad_low @ lora_a, None, None, grad_a, grad_b, None, None
 

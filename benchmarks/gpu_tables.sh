@@ -27,7 +27,9 @@
 #                                     # beside the single-device recipe, then the full fine-tune on one GPU
 #   bash benchmarks/gpu_tables.sh 16  # next: torchtune compiled LoRA/QLoRA, ours under a budget with the gated MLP
 #                                     # and the loss's gradient in forward | Unsloth at 32k, ours eager and compiled
-#   bash benchmarks/gpu_tables.sh 17  # next, one GPU: the full fine-tune's check, then host adding vs device adding
+#   bash benchmarks/gpu_tables.sh 17  # one GPU: the full fine-tune's check, then host adding vs device adding
+#   bash benchmarks/gpu_tables.sh 18  # next: call 16 again after its fixes (the product kept by compiled layers;
+#                                     # the down projection not recomputed), then long rows recomputed by block
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -345,13 +347,33 @@ case $CALL in
     ckpt
     wait
     export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-    for flag in "" --accumulate-on-device; do
-        timeout 60 python3 benchmarks/full_finetune_bench.py --check --accumulation-dtype bf16 $flag 2>&1 | grep RESULT
+    for flag in "" --accumulate-on-device; do  # fp32: the check's small model trains in fp32
+        timeout 60 python3 benchmarks/full_finetune_bench.py --check $flag 2>&1 | tail -3
     done > "$OUT/check.log"
     for flag in "" --accumulate-on-device; do
         row "full-single-bf16 $flag" 140 python3 benchmarks/full_finetune_bench.py $CK --accumulation 8 --steps 3 \
             --warmup 1 --accumulation-dtype bf16 $flag
     done > "$OUT/full.log" 2>&1
+    ;;
+18)
+    # call 16 again: a compiled layer no longer keeps the down adapter's product (call 16's budget
+    # rows ran out of memory), and no recomputation runs the down projection; then the longest rows
+    # whose MLP runs in chunks, their layers recomputed by block
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        budget_rows_beside_torchtune
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row qlora-65k 100 python3 benchmarks/long_context_bench.py \
+            $CK --rows qlora:65536 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        long_rows_beside_unsloth
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row lora-49k 100 python3 benchmarks/long_context_bench.py \
+            $CK --rows lora:49152 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -149,7 +149,7 @@ def run_row(trainee: Trainee, row: Row, cap_gib: float, steps: int, warmup: int)
     cfg = trainee.cfg(row.batch, row.seq, *overrides)
     plan = plan_memory(cfg, {"trains": "adapters"}, len(trainee.model.layers), trainee.device, True, False,
                        cfg.get("memory_budget_gib"))
-    set_memory_policy(trainee.model, plan.layers, plan.mlp_chunk_tokens)
+    set_memory_policy(trainee.model, plan.layers, plan.mlp_chunk_tokens, plan.by_block)
     predicted = memory_model(cfg, memory_facts(RECIPE, {"trains": "adapters"})).estimate(plan)
     if row.compile and not trainee.compiled:
         compile_layers(trainee.model)

@@ -125,7 +125,7 @@ def train(cfg: DictConfig, run: RunFolder, device: torch.device, rank: int, worl
     plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
                        cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"),
                        world_size=world_size)
-    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens)
+    set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens, plan.by_block)
     if cfg.compile:
         compile_layers(model)
     params = list(model.parameters())

@@ -241,7 +241,7 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
     recomputed = sum(map(recomputes, plan.layers))
     offloaded = sum(offloads(p) for p in plan.layers)
     attention = sum(map(keeps_attention, plan.layers))
-    assert plan == _ordered_plan(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens)
+    assert plan == _ordered_plan(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens, plan.by_block)
     linear, attention_flops = model.recompute_flops(batch, seq)
     assert linear > 0 and attention_flops > 0
 
@@ -250,9 +250,9 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
 
     # nothing that recomputes less fits (with the MLP chunked as chosen), however many of its layers are offloaded
     cheaper = [(r, a) for r in range(layers + 1) for a in range(r + 1) if cost(r, a) < cost(recomputed, attention)]
-    assert all(model.estimate(_ordered_plan(layers, r, r, a, plan.mlp_chunk_tokens)).total > budget for r, a in cheaper)
+    assert all(model.estimate(_ordered_plan(layers, r, r, a, plan.mlp_chunk_tokens, plan.by_block)).total > budget for r, a in cheaper)
     if offloaded:  # nor the same with one fewer offloaded
-        assert model.estimate(_ordered_plan(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens)).total > budget
+        assert model.estimate(_ordered_plan(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens, plan.by_block)).total > budget
     if seq == 32768 and budget_gib == 22:  # long samples keep attention outputs: their recomputation costs seq^2
         assert attention > 0 and attention_flops > linear / 2
 
@@ -280,6 +280,17 @@ def test_long_samples_grow_linearly_and_chunk_the_mlp_only_when_needed(config_on
     assert MemoryPlan((KEEP,)).chunks_mlp(8192) is False and MemoryPlan((KEEP,)).chunks_mlp(8193) is True
     whole = dataclasses.replace(leanest, mlp_chunk_tokens=None)
     assert model.estimate(whole, 1, 65536).total > model.estimate(leanest, 1, 65536).total + 5 * GIB
+
+
+def test_layers_are_recomputed_by_block_unless_only_the_whole_layer_fits(config_only):
+    model = model_of(config_only, "qlora", "batch_size=1")
+    assert model.fastest_plan(22 * GIB, 1, 65536)[0].by_block
+    assert not model.fastest_plan(22 * GIB, 1, 131072)[0].by_block  # 128k fits only so
+    leanest = uniform(RECOMPUTE_OFFLOAD)
+    by_block = dataclasses.replace(leanest, by_block=True)
+    # each layer's MLP block input pinned too
+    assert model.estimate(by_block, 1, 131072).host_bytes == 2 * model.estimate(leanest, 1, 131072).host_bytes
+    assert model.estimate(by_block, 1, 131072).total > 22 * GIB > model.estimate(leanest, 1, 131072).total
 
 
 def test_estimate_prints_every_policy_and_what_the_budget_picks(config_only, capsys):

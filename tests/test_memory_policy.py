@@ -30,7 +30,7 @@ from tunelite.modules.memory_policy import (
 from tunelite.modules.nf4 import NF4Tensor
 from tunelite.modules.offload import ActivationOffloader
 from tunelite.recipe_registry import get_recipe, read_declarations
-from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model
+from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model, pinned_bytes
 from tunelite.cli.estimate import run_plan
 from tunelite.runtime.host import available_host_memory
 from tunelite.training.memory_policy import budget_bytes, plan_memory
@@ -53,8 +53,9 @@ def lora_model() -> torch.nn.Module:
     return model.train()
 
 
-def gradients(model: torch.nn.Module, policies, mlp_chunk_tokens=None, tokens=None) -> dict[str, torch.Tensor]:
-    set_memory_policy(model, policies, mlp_chunk_tokens, min_offload_bytes=0)
+def gradients(model: torch.nn.Module, policies, mlp_chunk_tokens=None, tokens=None,
+              by_block=False) -> dict[str, torch.Tensor]:
+    set_memory_policy(model, policies, mlp_chunk_tokens, by_block, min_offload_bytes=0)
     if tokens is None:
         tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     model(tokens).float().pow(2).mean().backward()
@@ -71,10 +72,12 @@ def test_gradients_are_identical_under_every_policy(policies, build):
         assert torch.equal(kept[name], other[name]), name
 
 
+@pytest.mark.parametrize("by_block", [False, True], ids=["by layer", "by block"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_the_mlp_in_chunks_gives_the_gradients_of_the_whole_mlp(policy):
+def test_the_mlp_in_chunks_gives_the_gradients_of_the_whole_mlp(policy, by_block):
     whole = gradients(lora_model(), (policy, policy))
-    chunked = gradients(lora_model(), (policy, policy), mlp_chunk_tokens=16)  # 2 x 33 tokens: 5 chunks of 2 x 8
+    # 2 x 33 tokens: 5 chunks of 2 x 8
+    chunked = gradients(lora_model(), (policy, policy), mlp_chunk_tokens=16, by_block=by_block)
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-6)
 
@@ -97,6 +100,77 @@ def test_recompute_and_offload_moves_only_each_layer_input():
     set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * TINY.num_layers, min_offload_bytes=0)
     model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
     assert model.memory_policy.offloader.peak_host_bytes == TINY.num_layers * 2 * 33 * TINY.embed_dim * 4
+
+
+@pytest.mark.parametrize("by_block", [False, True], ids=["by layer", "by block"])
+def test_recompute_and_offload_by_block_moves_each_layer_input_and_its_mlp_blocks_input(by_block):
+    model = lora_model()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * TINY.num_layers, 16, by_block, min_offload_bytes=0)
+    model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+    inputs = 1 + by_block
+    assert model.memory_policy.offloader.peak_host_bytes == inputs * TINY.num_layers * 2 * 33 * TINY.embed_dim * 4
+    # and the estimate counts as many
+    estimate = memory_model(tiny_cfg(), memory_facts(LORA, MEMORY))
+    layers, one = estimate.args.num_layers, pinned_bytes(2 * 33 * estimate.args.embed_dim * estimate.p)
+    plan = MemoryPlan((RECOMPUTE_OFFLOAD,) * layers, 16, by_block)
+    assert estimate.estimate(plan, 2, 33).host_bytes == inputs * layers * one
+    assert estimate.estimate(dataclasses.replace(plan, mlp_chunk_tokens=None), 2, 33).host_bytes == layers * one
+
+
+@pytest.mark.parametrize("by_block, runs", [(False, 14), (True, 10)], ids=["by layer", "by block"])
+@pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION])
+def test_a_layer_recomputed_by_block_runs_each_mlp_chunk_twice_not_three_times(policy, by_block, runs):
+    # The chunks checkpoint themselves; recomputing the whole layer runs them until the last one's
+    # input is saved again: 4 of 5 chunks a third time.
+    model = lora_model()
+    calls = []
+    for layer in model.layers:
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, *args, forward=forward: calls.append(x.shape[1]) or forward(x, *args)
+    gradients(model, (policy,) * TINY.num_layers, mlp_chunk_tokens=16, by_block=by_block)  # 5 chunks a layer
+    assert len(calls) == runs * TINY.num_layers
+
+
+class DownProjections(TorchDispatchMode):
+    """Counts the (tokens x intermediate) @ (intermediate x embed) products dispatched while active:
+    the down projection's forward, and the up and gate projections' input gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.count += args[0].shape[-1] == TINY.intermediate_dim and args[1].shape[-1] == TINY.embed_dim
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
+@pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_OFFLOAD_ATTENTION])
+def test_a_recomputed_layer_does_not_run_its_down_projection_again(policy, quantized):
+    # Backward needs nothing the down projection computes: the recomputation stops before it.
+    def products(policy: str) -> int:
+        torch.manual_seed(0)
+        model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized))
+        set_trainable_params(model)
+        set_memory_policy(model.train(), (policy,) * TINY.num_layers, min_offload_bytes=0)
+        with DownProjections() as calls:
+            model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+        return calls.count
+
+    assert products(policy) == products(KEEP) == 3 * TINY.num_layers  # w2's forward, w1's and w3's gradients
+
+
+@pytest.mark.parametrize("mlp_chunk_tokens", [None, 16], ids=["whole MLP", "MLP in chunks"])
+def test_a_compiled_recomputed_layer_gives_the_kept_layers_gradients(mlp_chunk_tokens):
+    # Its down projection runs outside the graph, or (in chunks) its attention block is checkpointed alone.
+    kept, model = gradients(lora_model(), (KEEP,) * TINY.num_layers), lora_model()
+    torch._dynamo.reset()
+    for layer in model.layers:
+        layer.compile(backend="aot_eager")
+    ours = gradients(model, (RECOMPUTE_OFFLOAD_ATTENTION, RECOMPUTE), mlp_chunk_tokens=mlp_chunk_tokens, by_block=True)
+    for name, grad in kept.items():
+        torch.testing.assert_close(ours[name], grad, rtol=0, atol=1e-6)
 
 
 class AttentionCalls(TorchDispatchMode):

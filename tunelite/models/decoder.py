@@ -14,6 +14,7 @@ hd head_dim, rd rotated dims.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -29,6 +30,7 @@ from tunelite.modules.memory_policy import (
     KEEP,
     RECOMPUTE,
     MemoryPolicy,
+    chunks_sequence,
     in_sequence_chunks,
     run_layers,
     set_memory_policy,
@@ -380,18 +382,35 @@ class FeedForward(nn.Module):
             self.w3 = linear(d, inter, "w3", bias)
         self.activation = args.activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, eager_down: bool = False) -> torch.Tensor:
+        """`eager_down`: the down projection outside a compiled graph (see _down_eagerly)."""
+        down = _down_eagerly if eager_down else _down
         if self.fused:
             gate, up = self.w13(x).chunk(2, dim=-1)
         elif self.gated:
             gate, up = self.w1(x), self.w3(x)
         else:
-            return self.w2(ACTIVATIONS[self.activation](self.w1(x)))
+            return down(self.w2, ACTIVATIONS[self.activation](self.w1(x)))
         # Kept for backward: gate and up, not act(gate) nor the product (see gated_mlp).
-        product = gated_product(gate, up, self.activation)
-        if isinstance(self.w2, LoRALinear):
-            return self.w2.forward_gated(product, gate, up, self.activation)
-        return self.w2(product)
+        return down(self.w2, gated_product(gate, up, self.activation), gate, up, self.activation)
+
+
+def _down(w2: nn.Module, product: torch.Tensor, gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
+          activation: str = "") -> torch.Tensor:
+    """The down projection, last in the layer, its frozen base weight's matmul last in it: what its
+    backward needs is saved before that matmul runs, so a checkpoint's recomputation, which stops
+    once every tensor the forward saved is saved again, never runs it (1/3 of the MLP's, 1/4 of a
+    Llama layer's matmul work, recomputed for nothing)."""
+    if gate is not None and isinstance(w2, LoRALinear):
+        return w2.forward_gated(product, gate, up, activation)
+    return w2(product)
+
+
+# A compiled layer saves what its graph saves only once the whole graph has run, so a layer under an
+# eager checkpoint (TransformerLayer.recomputed) runs the down projection outside it, eagerly, where
+# the early stop above applies. (Chunks of the MLP checkpoint inside the graph, whose partitioner
+# recomputes only what backward needs.)
+_down_eagerly = torch.compiler.disable(_down)
 
 
 class TransformerLayer(nn.Module):
@@ -405,18 +424,27 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = build_norm(args, args.embed_dim) if args.post_norms else nn.Identity()
 
         self.mlp_chunk_tokens: int | None = None  # set_memory_policy: longer batches run the MLP in chunks
+        self.recomputed = False  # set_memory_policy: under activation checkpointing
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | DocumentMask | None, windowed_mask: torch.Tensor | DocumentMask | None,
+        attention: bool = True, mlp: bool = True,
     ) -> torch.Tensor:
-        """`windowed_mask` is `mask` narrowed to the sliding window, for a layer that has one."""
-        attn_mask = windowed_mask if self.attn.window is not None else mask
-        h = x + self.sa_post_norm(self.attn(self.sa_norm(x), rope, attn_mask))
-        return h + in_sequence_chunks(self.feed_forward, h, self.mlp_chunk_tokens)
+        """`windowed_mask` is `mask` narrowed to the sliding window, for a layer that has one.
+        `attention`, `mlp`: which residual blocks to run, so a memory policy can checkpoint the
+        attention block alone (tunelite.modules.memory_policy)."""
+        h = x
+        if attention:
+            attn_mask = windowed_mask if self.attn.window is not None else mask
+            h = h + self.sa_post_norm(self.attn(self.sa_norm(h), rope, attn_mask))
+        if mlp:
+            eager_down = self.recomputed and not chunks_sequence(h, self.mlp_chunk_tokens)
+            h = h + in_sequence_chunks(partial(self.feed_forward, eager_down=eager_down), h, self.mlp_chunk_tokens)
+        return h
 
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
+    def feed_forward(self, h: torch.Tensor, eager_down: bool = False) -> torch.Tensor:
+        return self.mlp_post_norm(self.mlp(self.mlp_norm(h), eager_down))
 
 
 class TiedOutput:

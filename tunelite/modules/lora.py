@@ -75,6 +75,7 @@ class LoRALinear(nn.Module):
             return self.base(x)
         # alpha / rank scales the small B rather than the (tokens x out) product: eager PyTorch
         # would otherwise make one more pass over the layer's output forward and one backward.
+        # The base last: its saved weight is then the last tensor a recomputation waits for.
         lora = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b * self.scaling)
         return self.base(x) + lora
 
@@ -85,7 +86,8 @@ class LoRALinear(nn.Module):
         keeping it. With dropout the adapter's input is not the product, so it runs as forward."""
         if self.disabled or not isinstance(self.dropout, nn.Identity):
             return self(product)
-        return self.base(product) + lora_down(product, gate, up, self.lora_a, self.lora_b, self.scaling, activation)
+        lora = lora_down(product, gate, up, self.lora_a, self.lora_b, self.scaling, activation)
+        return self.base(product) + lora  # the base last, as in forward: see FeedForward.down
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"

@@ -14,7 +14,8 @@
   Attention costs seq^2 and its output only seq: at long samples the best use of a little memory.
 
 Long sequences also run the MLP in chunks of the sequence, each chunk under its own checkpoint,
-so no (tokens x intermediate_dim) tensor exists whole, in forward or backward.
+so no (tokens x intermediate_dim) tensor exists whole, in forward or backward; a recomputed layer
+may then recompute its attention block alone (`by_block`), keeping its MLP block's input too.
 """
 
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from tunelite.errors import ConfigError
@@ -73,6 +75,7 @@ class MemoryPolicy:
 
     layers: tuple[str, ...]
     offloader: ActivationOffloader | None
+    by_block: bool = False  # a recomputed layer whose MLP runs in chunks recomputes its attention block alone
 
     def run(self, layers: Sequence[nn.Module], h: torch.Tensor, *args: object,
             keep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -81,10 +84,7 @@ class MemoryPolicy:
         if not torch.is_grad_enabled():
             return _plain(layers, h, *args)
         for layer, policy in zip(layers, self.layers):
-            run = layer
-            if recomputes(policy):
-                run = partial(checkpoint, layer, use_reentrant=False, context_fn=(
-                    _attention_kept if keeps_attention(policy) else noop_context_fn))
+            run = partial(_recomputed, layer, keeps_attention(policy), self.by_block) if recomputes(policy) else layer
             if offloads(policy):
                 with self.offloader.offloaded(layer, keep):
                     h = run(h, *args)
@@ -93,6 +93,22 @@ class MemoryPolicy:
         if self.offloader is not None:
             self.offloader.forward_done()
         return h
+
+
+def _recomputed(layer: nn.Module, keep_attention: bool, by_block: bool, h: torch.Tensor,
+                *args: object) -> torch.Tensor:
+    """A layer under activation checkpointing. `by_block`, when its MLP runs in chunks (which
+    checkpoint themselves): the attention block alone is checkpointed and the MLP block runs after
+    it, keeping its input, one more residual-stream tensor. Recomputing the whole layer instead
+    runs every chunk but the last a third time, since the recomputation stops only once the last
+    chunk's input is saved again (3/4 of the MLP's forward at 32k tokens). Not for an FSDP2 unit:
+    it reduces a unit's gradients when its input's gradient is taken, which after a block would be
+    before the attention block's gradients exist."""
+    recompute = partial(checkpoint, layer, use_reentrant=False,
+                        context_fn=_attention_kept if keep_attention else noop_context_fn)
+    if not by_block or not chunks_sequence(h, layer.mlp_chunk_tokens) or isinstance(layer, FSDPModule):
+        return recompute(h, *args)
+    return layer(recompute(h, *args, mlp=False), *args, attention=False)
 
 
 def _attention_kept() -> tuple[object, object]:
@@ -113,10 +129,11 @@ def _plain(layers: Sequence[nn.Module], h: torch.Tensor, *args: object) -> torch
 
 
 def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS,
-                      min_offload_bytes: int = MIN_OFFLOAD_BYTES) -> None:
+                      by_block: bool = False, min_offload_bytes: int = MIN_OFFLOAD_BYTES) -> None:
     """Gives each of `model.layers` its policy (see the module docstring) for training, and the
-    MLP its chunk size (None: whole). `min_offload_bytes`: smaller saved tensors stay on the card
-    (tests offload everything with 0)."""
+    MLP its chunk size (None: whole). `by_block`: a recomputed layer whose MLP runs in chunks
+    recomputes its attention block alone (see _recomputed). `min_offload_bytes`: smaller saved
+    tensors stay on the card (tests offload everything with 0)."""
     layers = model.layers
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown or len(policies) != len(layers):
@@ -125,9 +142,10 @@ def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_token
     offloader = None
     if any(offloads(p) for p in policies):
         offloader = ActivationOffloader(next(model.parameters()).device, min_offload_bytes)
-    model.memory_policy = MemoryPolicy(tuple(policies), offloader)
+    model.memory_policy = MemoryPolicy(tuple(policies), offloader, by_block)
     for layer, policy in zip(layers, policies):
         layer.mlp_chunk_tokens = mlp_chunk_tokens
+        layer.recomputed = recomputes(policy)
         # A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward.
         keep_dequantized_weights(layer, recomputes(policy))
 
@@ -137,10 +155,14 @@ def in_sequence_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     """fn(x) for a per-token fn over (b, s, ...) x, run over pieces of the sequence of at most
     `chunk_tokens` tokens (b x length) when x holds more. With gradients each piece runs under
     checkpoint, so only its input is kept and fn's intermediates exist for one piece at a time."""
-    b, s = x.shape[:2]
-    if not chunk_tokens or b * s <= chunk_tokens:
+    if not chunks_sequence(x, chunk_tokens):
         return fn(x)
-    pieces = x.split(max(1, chunk_tokens // b), dim=1)
+    pieces = x.split(max(1, chunk_tokens // x.shape[0]), dim=1)
     if torch.is_grad_enabled():
         return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim=1)
     return torch.cat([fn(piece) for piece in pieces], dim=1)
+
+
+def chunks_sequence(x: torch.Tensor, chunk_tokens: int | None) -> bool:
+    """Whether `in_sequence_chunks` splits (b, s, ...) x: it holds more than `chunk_tokens` tokens."""
+    return bool(chunk_tokens) and x.shape[0] * x.shape[1] > chunk_tokens

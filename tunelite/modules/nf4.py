@@ -96,45 +96,42 @@ def dequantize_nf4(weight: NF4Tensor) -> torch.Tensor:
 
 
 class _FrozenNF4Linear(torch.autograd.Function):
-    """x @ dequant(W)^T with the gradient to x only.
-
-    What backward needs of W: by default its 4-bit form, dequantized again in backward, so no bf16
-    copy outlives the forward. With `keep_dequantized`, the bf16 weight of the forward itself: for
-    a layer under activation checkpointing, whose first forward's saved tensors are dropped by the
-    checkpoint and whose recomputation runs just before its backward, this saves one of the three
-    dequantizations a step makes, for one layer's bf16 weights held during that layer's backward."""
+    """x @ dequant(W)^T with the gradient to x only, keeping W's 4-bit form for backward, which
+    dequantizes it again: no bf16 copy outlives the forward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep_dequantized: bool, *pieces: torch.Tensor | int) -> torch.Tensor:  # noqa: ANN001
-        weight = _dequantize_op(*pieces, FORWARD).to(x.dtype)
-        ctx.keep_dequantized, ctx.meta = keep_dequantized, pieces[5:]
-        if keep_dequantized:
-            ctx.save_for_backward(weight)
-        else:
-            ctx.save_for_backward(*pieces[:5])
-        return F.linear(x, weight)
+    def forward(ctx, x: torch.Tensor, *pieces: torch.Tensor | int) -> torch.Tensor:  # noqa: ANN001
+        ctx.meta = pieces[5:]
+        ctx.save_for_backward(*pieces[:5])
+        return F.linear(x, _dequantize_op(*pieces, FORWARD).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
-        saved = ctx.saved_tensors
-        weight = saved[0] if ctx.keep_dequantized else _dequantize_op(*saved, *ctx.meta, BACKWARD)
-        return (grad @ weight.to(grad.dtype), None, *[None] * 9)
+        weight = _dequantize_op(*ctx.saved_tensors, *ctx.meta, BACKWARD)
+        return (grad @ weight.to(grad.dtype), *[None] * 9)
 
 
 def frozen_linear(
     x: torch.Tensor, weight: torch.Tensor, keep_dequantized: bool = False, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x @ W^T (+ b) for a frozen W that may be NF4: dequantized on the fly in one pass, gradient to x
-    only; `keep_dequantized` (layers under activation checkpointing): see _FrozenNF4Linear."""
+    only. `keep_dequantized`, for a layer under activation checkpointing, hands backward the bf16
+    weight of the forward instead of its 4-bit form: the checkpoint drops the first forward's
+    saved tensors and its recomputation runs just before backward, so this saves one of the three
+    dequantizations a step makes, for one layer's bf16 weights held during that layer's backward.
+    It is then a plain linear, whose autograd saves the weight before the product is computed, so
+    a recomputation that needs nothing after it stops before it (tunelite.modules.gated_mlp)."""
     if not isinstance(weight, NF4Tensor):
         return F.linear(x, weight, bias)
-    out = _FrozenNF4Linear.apply(x, keep_dequantized, *_pieces(weight))
+    if keep_dequantized:
+        return F.linear(x, dequantize_nf4(weight).to(x.dtype), bias)
+    out = _FrozenNF4Linear.apply(x, *_pieces(weight))
     return out if bias is None else out + bias
 
 
 def keep_dequantized_weights(module: nn.Module, keep: bool) -> None:
     """Sets whether the NF4 linears inside `module` hand their forward's bf16 weight to backward
-    (see _FrozenNF4Linear): right for a layer whose activations are recomputed, wrong for one whose
+    (see frozen_linear): right for a layer whose activations are recomputed, wrong for one whose
     activations are kept (every layer's bf16 weights would then stay alive until backward)."""
     for child in module.modules():
         if getattr(child, "quantize_base", False):

@@ -307,11 +307,14 @@ def pinned_bytes(size: float) -> int:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What `set_memory_policy` applies: a policy per layer, and the size of the MLP's chunks
-    (None: the MLP runs whole)."""
+    """What `set_memory_policy` applies: a policy per layer, the size of the MLP's chunks (None:
+    the MLP runs whole), and whether a recomputed layer whose MLP runs in chunks recomputes its
+    attention block alone, keeping its MLP block's input too (faster, one more residual-stream
+    tensor a layer; the switches' plans keep what torchtune's keep)."""
 
     layers: tuple[str, ...]
     mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS
+    by_block: bool = False
 
     def chunks_mlp(self, tokens: int) -> bool:
         return self.mlp_chunk_tokens is not None and tokens > self.mlp_chunk_tokens
@@ -321,18 +324,20 @@ class MemoryPlan:
         counts = {policy: self.layers.count(policy) for policy in POLICIES if policy in self.layers}
         text = (f"{self.layers[0]} every layer" if len(counts) == 1
                 else ", ".join(f"{policy} {count}" for policy, count in counts.items()))
-        return text + (f", MLP in chunks of {self.mlp_chunk_tokens} tokens" if self.chunks_mlp(tokens) else "")
+        if not self.chunks_mlp(tokens):
+            return text
+        return text + f", MLP in chunks of {self.mlp_chunk_tokens} tokens" + (", by block" if self.by_block else "")
 
 
 def _ordered_plan(layers: int, recomputed: int, offloaded: int, kept_attention: int,
-                  mlp_chunk_tokens: int | None) -> MemoryPlan:
+                  mlp_chunk_tokens: int | None, by_block: bool) -> MemoryPlan:
     """The first layers kept, then `recomputed` layers: the first `offloaded` of those offloaded, the
     first `kept_attention` keeping their attention output."""
     policies = [KEEP] * (layers - recomputed)
     by_choice = {(True, True): RECOMPUTE_OFFLOAD_ATTENTION, (True, False): RECOMPUTE_OFFLOAD,
                  (False, True): RECOMPUTE_ATTENTION, (False, False): RECOMPUTE}
     policies += [by_choice[i < offloaded, i < kept_attention] for i in range(recomputed)]
-    return MemoryPlan(tuple(policies), mlp_chunk_tokens)
+    return MemoryPlan(tuple(policies), mlp_chunk_tokens, by_block)
 
 
 def switches_plan(num_layers: int, checkpointing: bool, offloading: bool) -> MemoryPlan:
@@ -435,10 +440,11 @@ class MemoryModel:
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
-        kept_attention = tokens * self.attention_output
-        resident = {KEEP: hidden + saved, RECOMPUTE: hidden, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0,
-                    RECOMPUTE_ATTENTION: hidden + kept_attention, RECOMPUTE_OFFLOAD_ATTENTION: kept_attention}
-        fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: hidden, RECOMPUTE_OFFLOAD_ATTENTION: hidden}
+        # A layer recomputed by block keeps its MLP block's input as well as its own.
+        kept_attention, inputs = tokens * self.attention_output, hidden * (1 + (chunked and plan.by_block))
+        resident = {KEEP: hidden + saved, RECOMPUTE: inputs, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0,
+                    RECOMPUTE_ATTENTION: inputs + kept_attention, RECOMPUTE_OFFLOAD_ATTENTION: kept_attention}
+        fetched = {OFFLOAD: hidden + saved, RECOMPUTE_OFFLOAD: inputs, RECOMPUTE_OFFLOAD_ATTENTION: inputs}
         below, in_layer, previous, host = 0.0, 0.0, None, 0
         for policy in plan.layers:
             ahead = fetched[previous] if offloads(policy) and previous else 0
@@ -446,7 +452,7 @@ class MemoryModel:
             below += resident[policy]
             if offloads(policy):
                 previous = policy
-                host += self._host_bytes(policy, tokens, chunked)
+                host += self._host_bytes(policy, tokens, chunked, plan.by_block)
         at_loss = below + 3 * hidden  # and the final norm's input and output, and their gradient
         # Gemma 2's capped logits add the tanh's output and its gradient, in the weights' dtype.
         loss_chunk = (12 + (2 * p if args.final_softcap else 0)) * chunk_tokens * args.vocab_size
@@ -497,11 +503,12 @@ class MemoryModel:
         return MemoryEstimate({k: int(v) for k, v in components.items()}, details, peak_during, setup, others,
                               list(self.notes), host, sharding.host_state if sharding else 0)
 
-    def _host_bytes(self, policy: str, tokens: int, chunked: bool) -> int:
-        """Pinned host memory of one offloaded layer: its input, or every tensor it saves that is
-        large enough to move (the MLP's only when the MLP runs whole)."""
+    def _host_bytes(self, policy: str, tokens: int, chunked: bool, by_block: bool) -> int:
+        """Pinned host memory of one offloaded layer: its input (and its MLP block's, recomputed by
+        block), or every tensor it saves that is large enough to move (the MLP's only when the MLP
+        runs whole)."""
         if policy in (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD_ATTENTION):
-            return pinned_bytes(tokens * self.args.embed_dim * self.p)
+            return (1 + (chunked and by_block)) * pinned_bytes(tokens * self.args.embed_dim * self.p)
         tensors = [self.args.embed_dim * self.p, *self.attention_saved, *(() if chunked else self.mlp_saved)]
         return sum(pinned_bytes(tokens * size) for size in tensors if tokens * size >= MIN_OFFLOAD_BYTES)
 
@@ -512,7 +519,7 @@ class MemoryModel:
         projections and MLP, and its attention unless it keeps the attention output), then the
         fewest offloaded layers; the first layers kept, the rest recomputed, the first of those
         offloaded and keeping their attention output; the MLP in chunks only when nothing fits
-        without. `offload` without recomputation is never chosen: it moves a layer's every
+        without, the recomputed layers then recomputed by block unless nothing fits so. `offload` without recomputation is never chosen: it moves a layer's every
         activation over PCIe (about 22x its input at Llama sizes), slower than recomputing it
         unless the copy hides behind compute."""
         layers = self.args.num_layers
@@ -523,9 +530,12 @@ class MemoryModel:
         choices = sorted(((recomputed * linear + (recomputed - kept) * attention, recomputed, kept)
                           for recomputed in range(layers + 1)
                           for kept in range(recomputed + 1 if attention else 1)))
-        for chunk in ((None, MLP_CHUNK_TOKENS) if tokens > MLP_CHUNK_TOKENS else (MLP_CHUNK_TOKENS,)):
+        # The MLP whole if anything fits so, else in chunks: recomputed by block, else (the
+        # longest samples) by layer
+        ways = ((None, False), (MLP_CHUNK_TOKENS, True), (MLP_CHUNK_TOKENS, False))
+        for chunk, by_block in (ways if tokens > MLP_CHUNK_TOKENS else ((MLP_CHUNK_TOKENS, False),)):
             for _, recomputed, kept in choices:
-                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk)
+                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk, by_block)
                          for offloaded in range(recomputed + 1)]
                 if self.estimate(plans[-1], batch, seq).total > budget:
                     continue  # not even with every recomputed layer offloaded

@@ -28,8 +28,10 @@
 #   bash benchmarks/gpu_tables.sh 16  # next: torchtune compiled LoRA/QLoRA, ours under a budget with the gated MLP
 #                                     # and the loss's gradient in forward | Unsloth at 32k, ours eager and compiled
 #   bash benchmarks/gpu_tables.sh 17  # one GPU: the full fine-tune's check, then host adding vs device adding
-#   bash benchmarks/gpu_tables.sh 18  # next: call 16 again after its fixes (the product kept by compiled layers;
-#                                     # the down projection not recomputed), then long rows recomputed by block
+#   bash benchmarks/gpu_tables.sh 18  # call 16 again after its fixes (the product kept by compiled layers; the
+#                                     # down projection not recomputed), then long rows recomputed by block
+#   bash benchmarks/gpu_tables.sh 19  # next: the long-sample table, Unsloth at 32k and 48k beside our QLoRA
+#                                     # 16k-128k | our LoRA 48k, then a profile of the compiled QLoRA 32k step
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -372,6 +374,30 @@ case $CALL in
         long_rows_beside_unsloth
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row lora-49k 100 python3 benchmarks/long_context_bench.py \
             $CK --rows lora:49152 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+19)
+    # GPU 0: the long-sample table, Unsloth's QLoRA at the lengths it fits beside ours (16k to 128k;
+    # the compiled 32k row last). GPU 1: our LoRA at 48k, then where the compiled QLoRA 32k step's
+    # time goes (the recipe under the same budget, profiled)
+    python3 -c "import torch; x = torch.ones(200 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768,49152 > /dev/null 2>&1
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row qlora-long 300 python3 benchmarks/long_context_bench.py \
+            $CK --rows qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-compiled:32768 \
+            --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
+        row lora-49k 100 python3 benchmarks/long_context_bench.py $CK --rows lora:49152 --time-limit 150
+        row profile 200 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK --batch 1 --seq 32768 \
+            --steps 6 --warmup 2 compile=True +memory_budget_gib=22 tokenizer.max_seq_len=32768 \
+            "+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, output_dir: /tmp/prof, wait: 3, warmup: 1, active: 2}"
+        python3 benchmarks/trace_summary.py "$(ls /tmp/prof/trace_step*.json | head -1)" 2>&1 | head -45 > "$OUT/profile.log"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

@@ -58,6 +58,7 @@ from tunelite.modules.memory_policy import (
     RECOMPUTE_OFFLOAD,
     RECOMPUTE_OFFLOAD_ATTENTION,
     offloads,
+    recomputes,
     uniform_policies,
 )
 from tunelite.modules.offload import MIN_OFFLOAD_BYTES
@@ -280,13 +281,22 @@ def attention_scores_bytes(args: ModelArgs, dtype_bytes: int) -> float:
 
 
 def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int, compiled: bool = False,
-                                   trains_base: bool = False) -> float:
+                                   trains_base: bool = False, down_eagerly: bool = False) -> float:
     """Gradients alive beyond the MLP's saved activations, at the layer's peak, plus the residual
     stream's gradient and its copy into the MLP branch. Gated: the product's backward
     (`gated_mlp`) holds the product's gradient, act(w1 x) recomputed, and the gradients of w1 x
     and w3 x (inductor fuses them: one less), the product itself freed by then when it was kept.
-    Plain (GPT-2): the gradients of act(w1 x) and of w1 x at its activation's backward."""
-    extra = 4 - compiled - trains_base if args.gated_mlp else 2
+    Plain (GPT-2): the gradients of act(w1 x) and of w1 x at its activation's backward.
+    `down_eagerly`: a compiled layer recomputed whole runs its down projection outside the graph
+    (decoder._down_eagerly): its backward is eager's, and the product's gradient, an input of the
+    compiled graph's backward, lives through all of it; one more than eager (call 18 measured
+    1.8-2.3 more than the compiled count at 2 x 2048 and 32k)."""
+    if not args.gated_mlp:
+        extra = 2
+    elif compiled and down_eagerly:
+        extra = 5 - trains_base
+    else:
+        extra = 4 - compiled - trains_base
     return (extra * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
@@ -401,6 +411,7 @@ class MemoryModel:
     attention_saved: tuple[float, ...]  # saved_tensors_per_token
     mlp_saved: tuple[float, ...]
     mlp_backward_extra: float  # backward_extra_bytes_per_token
+    recomputed_mlp_backward_extra: float  # the same for a layer recomputed whole (down_eagerly)
     attention_scores: float  # attention_scores_bytes: per token and key position
     attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
@@ -426,17 +437,22 @@ class MemoryModel:
         attention_saved = tokens * (sum(self.attention_saved) + seq * self.attention_scores)
         mlp_saved = sum(self.mlp_saved)
         saved = attention_saved + (0 if chunked else tokens * mlp_saved)
-        # Beyond a layer's input and attention half, at its backward's peak: the SwiGLU's backward
-        # (over the whole sequence, or one chunk while the chunks' input gradients gather), or
-        # flash attention's once the MLP half is freed.
-        mlp_extra = piece * self.mlp_backward_extra
-        if self.largest_nf4:
-            # w2's backward: its incoming gradients, its dequantized copy, the product's gradient
-            # from the base and (gated) from the adapter
-            inputs = (1 + args.gated_mlp) * args.intermediate_dim
-            mlp_extra = max(mlp_extra, piece * (2 * args.embed_dim + inputs) * p + self.largest_nf4 * p)
-        in_backward = max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
-                          tokens * attention_backward_bytes_per_token(args, p))
+        def in_backward(mlp_backward_extra: float) -> float:
+            """Beyond a layer's input and attention half, at its backward's peak: the SwiGLU's
+            backward (over the whole sequence, or one chunk while the chunks' input gradients
+            gather), or flash attention's once the MLP half is freed."""
+            mlp_extra = piece * mlp_backward_extra
+            if self.largest_nf4:
+                # w2's backward: its incoming gradients, its dequantized copy, the product's gradient
+                # from the base and (gated) from the adapter
+                inputs = (1 + args.gated_mlp) * args.intermediate_dim
+                mlp_extra = max(mlp_extra, piece * (2 * args.embed_dim + inputs) * p + self.largest_nf4 * p)
+            return max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
+                       tokens * attention_backward_bytes_per_token(args, p))
+
+        # by whether the layer is recomputed: a chunk of the MLP is recomputed inside the graph
+        backward = {False: in_backward(self.mlp_backward_extra),
+                    True: in_backward(self.mlp_backward_extra if chunked else self.recomputed_mlp_backward_extra)}
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
@@ -448,7 +464,7 @@ class MemoryModel:
         below, in_layer, previous, host = 0.0, 0.0, None, 0
         for policy in plan.layers:
             ahead = fetched[previous] if offloads(policy) and previous else 0
-            in_layer = max(in_layer, below + hidden + attention_saved + in_backward + ahead)
+            in_layer = max(in_layer, below + hidden + attention_saved + backward[recomputes(policy)] + ahead)
             below += resident[policy]
             if offloads(policy):
                 previous = policy
@@ -731,7 +747,9 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         (getattr(loss, "num_chunks", 1), getattr(loss, "max_chunk_tokens", MAX_CHUNK_TOKENS)), optimizer,
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
-        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all), attention_scores_bytes(args, p),
+        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all),
+        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all, down_eagerly=True),
+        attention_scores_bytes(args, p),
         args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)),

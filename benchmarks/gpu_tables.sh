@@ -30,8 +30,8 @@
 #   bash benchmarks/gpu_tables.sh 17  # one GPU: the full fine-tune's check, then host adding vs device adding
 #   bash benchmarks/gpu_tables.sh 18  # call 16 again after its fixes (the product kept by compiled layers; the
 #                                     # down projection not recomputed), then long rows recomputed by block
-#   bash benchmarks/gpu_tables.sh 19  # next: the long-sample table, Unsloth at 32k and 48k beside our QLoRA
-#                                     # 16k-128k | our LoRA 48k, then a profile of the compiled QLoRA 32k step
+#   bash benchmarks/gpu_tables.sh 19  # next: the long-sample table, Unsloth at 32k beside our QLoRA 32k-128k
+#                                     # | our LoRA 48k, then a profile of the compiled QLoRA 32k step
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -385,9 +385,9 @@ case $CALL in
     ckpt
     (
         export CUDA_VISIBLE_DEVICES=0
-        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768,49152 > /dev/null 2>&1
+        LIMIT=150 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768,49152 > /dev/null 2>&11
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row qlora-long 300 python3 benchmarks/long_context_bench.py \
-            $CK --rows qlora:32768,qlora:131072,qlora:65536,qlora:16384,qlora-compiled:32768 \
+            $CK --rows qlora:32768,qlora:131072,qlora:65536,qlora-compiled:32768 \
             --time-limit $(( $(left) - 10 ))
     ) > "$OUT/gpu0.log" 2>&1 &
     (

@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
         if self.disabled or not isinstance(self.dropout, nn.Identity):
             return self(product)
         lora = lora_down(product, gate, up, self.lora_a, self.lora_b, self.scaling, activation)
-        return self.base(product) + lora  # the base last, as in forward: see FeedForward.down
+        return self.base(product) + lora  # the base last, as in forward (tunelite.models.decoder._down)
 
     def extra_repr(self) -> str:
         return f"in={self.in_dim}, out={self.out_dim}, rank={self.rank}, alpha={self.alpha}"

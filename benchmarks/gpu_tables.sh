@@ -30,8 +30,9 @@
 #   bash benchmarks/gpu_tables.sh 17  # one GPU: the full fine-tune's check, then host adding vs device adding
 #   bash benchmarks/gpu_tables.sh 18  # call 16 again after its fixes (the product kept by compiled layers; the
 #                                     # down projection not recomputed), then long rows recomputed by block
-#   bash benchmarks/gpu_tables.sh 19  # next: the long-sample table, Unsloth at 32k beside our QLoRA 32k-128k
+#   bash benchmarks/gpu_tables.sh 19  # the long-sample table, Unsloth at 32k beside our QLoRA 32k-128k
 #                                     # | our LoRA 48k, then a profile of the compiled QLoRA 32k step
+#   bash benchmarks/gpu_tables.sh 20  # next: Unsloth at 32k | ours at 32k planned by FLOPs across the MLP's ways
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -400,6 +401,16 @@ case $CALL in
         python3 benchmarks/trace_summary.py "$(ls /tmp/prof/trace_step*.json | head -1)" 2>&1 | head -45 > "$OUT/profile.log"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    ;;
+20)
+    # The budget now weighs the MLP in chunks by block against the MLP whole by FLOPs: at 32k it keeps
+    # every attention output. Unsloth at 32k | ours eager and compiled (the compiled chunks' first GPU run)
+    ckpt
+    CUDA_VISIBLE_DEVICES=0 LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row long-rows 120 \
+        python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
+    wait
+    grep -a "^RESULT" "$OUT/unsloth.log"
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -531,53 +531,47 @@ class MemoryModel:
     def fastest_plan(self, budget: int, batch: int | None = None,
                      seq: int | None = None) -> tuple[MemoryPlan, MemoryEstimate] | None:
         """The fastest plan whose estimate fits `budget` bytes on the card, or None: the least
-        recomputation first, counted in FLOPs (`recompute_flops`), then the fewest offloaded
-        layers; the first layers kept, the rest recomputed, the first of those offloaded and
-        keeping their attention output. A recomputed layer recomputes its projections and MLP, and
-        its attention unless it keeps the attention output; long samples may run the MLP in
-        chunks, by block (the same work for a recomputed layer, and a kept layer's chunks recompute
-        their MLP) or by layer (a recomputed layer's chunks run a third time, 3/4 of its MLP); at
-        equal FLOPs the MLP whole first. `offload` without recomputation is never chosen: it moves
-        a layer's every activation over PCIe (about 22x its input at Llama sizes), slower than
-        recomputing it unless the copy hides behind compute."""
+        recomputation first, counted in FLOPs (`recompute_flops`: a recomputed layer's
+        projections and MLP, and its attention unless it keeps the attention output), then the
+        fewest offloaded layers; the first layers kept, the rest recomputed, the first of those
+        offloaded and keeping their attention output; the MLP in chunks only when nothing fits
+        without, the recomputed layers then recomputed by block unless nothing fits so. `offload` without recomputation is never chosen: it moves a layer's every
+        activation over PCIe (about 22x its input at Llama sizes), slower than recomputing it
+        unless the copy hides behind compute."""
         layers = self.args.num_layers
         batch, seq = batch or self.batch, seq or self.seq
         tokens = batch * self.recipe.sequences_per_sample * seq
-        linear, attention, mlp = self.recompute_flops(batch, seq)
-        ways = [(None if tokens > MLP_CHUNK_TOKENS else MLP_CHUNK_TOKENS, False)]
-        if tokens > MLP_CHUNK_TOKENS:
-            ways += [(MLP_CHUNK_TOKENS, True), (MLP_CHUNK_TOKENS, False)]
-
-        def cost(way: int, recomputed: int, kept: int) -> float:
-            chunk, by_block = ways[way]
-            chunked = 0.0 if chunk is None else (layers - recomputed + 0.75 * recomputed * (not by_block)) * mlp
-            return recomputed * linear + (recomputed - kept) * attention + chunked
-
-        # (way, recomputed layers, of them keeping their attention output) by the FLOPs they recompute
-        choices = sorted((cost(way, recomputed, kept), way, recomputed, kept) for way in range(len(ways))
-                         for recomputed in range(layers + 1) for kept in range(recomputed + 1 if attention else 1))
-        for _, way, recomputed, kept in choices:
-            plans = [_ordered_plan(layers, recomputed, offloaded, kept, *ways[way]) for offloaded in range(recomputed + 1)]
-            if self.estimate(plans[-1], batch, seq).total > budget:
-                continue  # not even with every recomputed layer offloaded
-            for plan in plans:
-                result = self.estimate(plan, batch, seq)
-                if result.total <= budget:
-                    return plan, result
+        linear, attention = self.recompute_flops(batch, seq)
+        # (recomputed layers, of them keeping their attention output) by the FLOPs they recompute
+        choices = sorted(((recomputed * linear + (recomputed - kept) * attention, recomputed, kept)
+                          for recomputed in range(layers + 1)
+                          for kept in range(recomputed + 1 if attention else 1)))
+        # The MLP whole if anything fits so, else in chunks: recomputed by block, else (the
+        # longest samples) by layer
+        ways = ((None, False), (MLP_CHUNK_TOKENS, True), (MLP_CHUNK_TOKENS, False))
+        for chunk, by_block in (ways if tokens > MLP_CHUNK_TOKENS else ((MLP_CHUNK_TOKENS, False),)):
+            for _, recomputed, kept in choices:
+                plans = [_ordered_plan(layers, recomputed, offloaded, kept, chunk, by_block)
+                         for offloaded in range(recomputed + 1)]
+                if self.estimate(plans[-1], batch, seq).total > budget:
+                    continue  # not even with every recomputed layer offloaded
+                for plan in plans:
+                    result = self.estimate(plan, batch, seq)
+                    if result.total <= budget:
+                        return plan, result
         return None
 
-    def recompute_flops(self, batch: int, seq: int) -> tuple[float, float, float]:
+    def recompute_flops(self, batch: int, seq: int) -> tuple[float, float]:
         """FLOPs one layer's recomputation costs at batch x seq, forward only: (its projections
-        and MLP, its attention, its MLP alone). The attention part is 0 where no SDPA kernel runs
-        (Gemma 2's capped scores, packed samples' FlexAttention), since a kept output saves
-        nothing there."""
+        and MLP, its attention). The attention part is 0 where no SDPA kernel runs (Gemma 2's
+        capped scores, packed samples' FlexAttention), since a kept output saves nothing there."""
         args, sequences = self.args, batch * self.recipe.sequences_per_sample
         hd = args.resolved_head_dim
         d, q, kv = args.embed_dim, args.num_heads * hd, args.num_kv_heads * hd
-        mlp = (3 if args.gated_mlp else 2) * d * args.intermediate_dim
+        weights = d * (q + 2 * kv) + q * d + (3 if args.gated_mlp else 2) * d * args.intermediate_dim
         fused = args.attn_softcap is None and not self.packed
         attention = 2.0 * sequences * seq * seq * q if fused else 0.0  # causal: half of 4 s^2 q
-        return 2.0 * sequences * seq * (d * (q + 2 * kv) + q * d + mlp), attention, 2.0 * sequences * seq * mlp
+        return 2.0 * sequences * seq * weights, attention
 
     def longest_sequence(self, budget: int, step: int = 1024) -> tuple[int, MemoryPlan, MemoryEstimate] | None:
         """The longest sample (batch 1, a multiple of `step` tokens) whose fastest plan fits

@@ -162,6 +162,20 @@ def test_a_recomputed_layer_does_not_run_its_down_projection_again(policy, quant
 
 
 @pytest.mark.parametrize("mlp_chunk_tokens", [None, 16], ids=["whole MLP", "MLP in chunks"])
+def test_a_compiled_layer_runs_its_mlp_chunks_outside_its_graph(mlp_chunk_tokens):
+    # Inside, their checkpoints held more than the estimate counts (call 20); outside, each chunk
+    # is an eager checkpoint. The MLP whole stays in the graph.
+    model = lora_model()
+    set_memory_policy(model, (KEEP,) * TINY.num_layers, mlp_chunk_tokens)
+    torch._dynamo.reset()
+    h = torch.randn(2, 33, TINY.embed_dim, requires_grad=True)
+    explained = torch._dynamo.explain(model.layers[0])(h, None, None, None)
+    breaks = [str(reason.reason) for reason in explained.break_reasons]
+    assert (breaks == []) == (mlp_chunk_tokens is None)
+    assert all("in_sequence_chunks" in reason for reason in breaks)
+
+
+@pytest.mark.parametrize("mlp_chunk_tokens", [None, 16], ids=["whole MLP", "MLP in chunks"])
 def test_a_compiled_recomputed_layer_gives_the_kept_layers_gradients(mlp_chunk_tokens):
     # Its down projection runs outside the graph, or (in chunks) its attention block is checkpointed alone.
     kept, model = gradients(lora_model(), (KEEP,) * TINY.num_layers), lora_model()

@@ -412,6 +412,7 @@ class MemoryModel:
     mlp_saved: tuple[float, ...]
     mlp_backward_extra: float  # backward_extra_bytes_per_token
     recomputed_mlp_backward_extra: float  # the same for a layer recomputed whole (down_eagerly)
+    chunk_mlp_backward_extra: float  # the same for the MLP in chunks, which run eagerly
     attention_scores: float  # attention_scores_bytes: per token and key position
     attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
@@ -450,9 +451,9 @@ class MemoryModel:
             return max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
                        tokens * attention_backward_bytes_per_token(args, p))
 
-        # by whether the layer is recomputed: a chunk of the MLP is recomputed inside the graph
-        backward = {False: in_backward(self.mlp_backward_extra),
-                    True: in_backward(self.mlp_backward_extra if chunked else self.recomputed_mlp_backward_extra)}
+        # by whether the layer is recomputed; the MLP's chunks run eagerly, compiled or not
+        backward = {False: in_backward(self.chunk_mlp_backward_extra if chunked else self.mlp_backward_extra),
+                    True: in_backward(self.chunk_mlp_backward_extra if chunked else self.recomputed_mlp_backward_extra)}
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
@@ -749,6 +750,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all),
         backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all, down_eagerly=True),
+        backward_extra_bytes_per_token(args, p, False, recipe.trains_all),
         attention_scores_bytes(args, p),
         args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),

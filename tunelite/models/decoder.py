@@ -398,9 +398,10 @@ class FeedForward(nn.Module):
 def _down(w2: nn.Module, product: torch.Tensor, gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
           activation: str = "") -> torch.Tensor:
     """The down projection, last in the layer, its frozen base weight's matmul last in it: what its
-    backward needs is saved before that matmul runs, so a checkpoint's recomputation, which stops
-    once every tensor the forward saved is saved again, never runs it (1/3 of the MLP's, 1/4 of a
-    Llama layer's matmul work, recomputed for nothing)."""
+    backward needs is saved before that matmul runs (a bf16 or NF4 base: a plain linear saves its
+    weight first), so a checkpoint's recomputation, which stops once every tensor the forward saved
+    is saved again, never runs it (1/3 of the MLP's, 1/4 of a Llama layer's matmul work,
+    recomputed for nothing). An FP8 base's autograd Function saves after its matmul: it still runs."""
     if gate is not None and isinstance(w2, LoRALinear):
         return w2.forward_gated(product, gate, up, activation)
     return w2(product)

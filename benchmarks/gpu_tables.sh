@@ -32,7 +32,9 @@
 #                                     # down projection not recomputed), then long rows recomputed by block
 #   bash benchmarks/gpu_tables.sh 19  # the long-sample table, Unsloth at 32k beside our QLoRA 32k-128k
 #                                     # | our LoRA 48k, then a profile of the compiled QLoRA 32k step
-#   bash benchmarks/gpu_tables.sh 20  # next: Unsloth at 32k | ours at 32k planned by FLOPs across the MLP's ways
+#   bash benchmarks/gpu_tables.sh 20  # Unsloth at 32k | ours at 32k planned by FLOPs across the MLP's ways (withdrawn)
+#   bash benchmarks/gpu_tables.sh 21  # next (issue 17): torchtune compiled LoRA/QLoRA, then ours compiled at their
+#                                     # memory: the defaults, and budgets whose predicted peak is at most theirs
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -411,6 +413,30 @@ case $CALL in
         python3 benchmarks/long_context_bench.py $CK --rows qlora:32768,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
     wait
     grep -a "^RESULT" "$OUT/unsloth.log"
+    ;;
+21)
+    # Issue 17 at the peers' memory (torchtune compiled: 17.36 GiB LoRA, 7.97 QLoRA allocated), after the
+    # gated MLP's two kept tensors, the loss's gradient in forward and the down projection left out of
+    # the recomputation: ours compiled with every layer recomputed (the configs' default), and under
+    # budgets whose predicted peak allocated is at most the peer's (17.75 GiB: 16.94; 8.6: 7.75)
+    python3 -c "import torch; x = torch.ones(100 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        until [ -f /tmp/usl_ck8b/config.json ]; do sleep 2; done
+        for kind in lora qlora; do
+            row "$kind-default" 110 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+                --steps 10 --warmup 4
+        done
+        row lora-at-peer 80 python3 benchmarks/long_context_bench.py $CK --rows lora-budget --cap-gib 17.75 --steps 8 --warmup 3
+        row qlora-at-peer 80 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget --cap-gib 8.6 --steps 8 --warmup 3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -215,6 +215,25 @@ def check_frozen_base_left_whole(rank: int, rendezvous: str) -> None:
         dist.destroy_process_group()
 
 
+def test_an_fsdp2_unit_is_recomputed_whole_even_by_block(one_process_group):
+    # By block a unit would be called twice a forward: its weights gathered twice, its gradients
+    # reduced in two parts. FSDP2 units stay whole, and train as the unsharded model does.
+    from test_memory_policy import TINY, gradients, lora_model
+
+    reference, model = gradients(lora_model(), ("recompute",) * TINY.num_layers), lora_model()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    calls = []
+    for layer in model.layers:
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, *args, forward=forward: calls.append(1) or forward(x, *args)
+    ours = gradients(model, ("recompute",) * TINY.num_layers, mlp_chunk_tokens=16, by_block=True)
+    assert len(calls) == 14 * TINY.num_layers  # 5 chunks, 4 + 5 again: the whole layer's recomputation
+    for name, grad in reference.items():
+        torch.testing.assert_close(ours[name].full_tensor(), grad, rtol=0, atol=1e-6)
+
+
 def test_shard_model_leaves_the_frozen_base_whole_and_shards_the_adapters(tmp_path):
     torch.multiprocessing.spawn(check_frozen_base_left_whole, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 

@@ -102,8 +102,8 @@ def _recomputed(layer: nn.Module, keep_attention: bool, by_block: bool, h: torch
     it, keeping its input, one more residual-stream tensor. Recomputing the whole layer instead
     runs every chunk but the last a third time, since the recomputation stops only once the last
     chunk's input is saved again (3/4 of the MLP's forward at 32k tokens). Not for an FSDP2 unit:
-    it reduces a unit's gradients when its input's gradient is taken, which after a block would be
-    before the attention block's gradients exist."""
+    called twice a forward, it would gather the unit's weights twice and reduce its gradients in
+    two parts (right on one process; not tried on several)."""
     recompute = partial(checkpoint, layer, use_reentrant=False,
                         context_fn=_attention_kept if keep_attention else noop_context_fn)
     if not by_block or not chunks_sequence(h, layer.mlp_chunk_tokens) or isinstance(layer, FSDPModule):

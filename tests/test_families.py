@@ -27,6 +27,13 @@ from tunelite.models.decoder import LoRAArgs, attention_projections, decoder, lo
 from tunelite.models.hf_config import SUPPORTED_MODEL_TYPES, hf_config_from_model_args
 from tunelite.modules.lora import LoRALinear, merged_state_dict, set_trainable_params
 from tunelite.modules.fp8 import FrozenFP8Linear
+from tunelite.modules.memory_policy import (
+    KEEP,
+    RECOMPUTE,
+    RECOMPUTE_ATTENTION,
+    RECOMPUTE_OFFLOAD_ATTENTION,
+    set_memory_policy,
+)
 from tunelite.modules.nf4 import NF4Tensor
 from tunelite.recipe_registry import configs_dir, get_recipe, read_declarations
 from tunelite.training.memory_estimate import ACTIVATIONS, WEIGHTS, estimate_memory, recipe_memory
@@ -287,3 +294,27 @@ def test_a_pack_of_three_samples_gives_each_its_loss_alone(args):
         together = model(tokens, positions, document_ids=documents)
         alone = torch.cat([model(s) for s in samples], dim=1)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+@each_family
+def test_each_familys_adapters_get_the_same_gradients_however_its_layers_are_recomputed(args):
+    # The layer's blocks (attention alone under a checkpoint, the MLP's chunks), the down projection
+    # left out of each recomputation, post-norms, fused projections, plain MLPs: all as if kept.
+    def gradients(policy: str, mlp_chunk_tokens: int | None, by_block: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = lora_decoder(args, every_adapter(args))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_b"):
+                    p.normal_(0, 0.1)
+        set_trainable_params(model)
+        set_memory_policy(model, [policy] * args.num_layers, mlp_chunk_tokens, by_block, min_offload_bytes=0)
+        tokens = torch.randint(1, args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+        model(tokens).float().pow(2).mean().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    kept = gradients(KEEP, None, False)
+    for way in [(RECOMPUTE, None, False), (RECOMPUTE_OFFLOAD_ATTENTION, 16, True), (RECOMPUTE_ATTENTION, 16, False)]:
+        other = gradients(*way)
+        for name, grad in kept.items():
+            torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-6, msg=f"{way}: {name}")

@@ -218,16 +218,13 @@ def check_frozen_base_left_whole(rank: int, rendezvous: str) -> None:
 def test_an_fsdp2_unit_is_recomputed_whole_even_by_block(one_process_group):
     # By block a unit would be called twice a forward: its weights gathered twice, its gradients
     # reduced in two parts. FSDP2 units stay whole, and train as the unsharded model does.
-    from test_memory_policy import TINY, gradients, lora_model
+    from test_memory_policy import TINY, gradients, lora_model, mlp_calls
 
     reference, model = gradients(lora_model(), ("recompute",) * TINY.num_layers), lora_model()
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
-    calls = []
-    for layer in model.layers:
-        forward = layer.mlp.forward
-        layer.mlp.forward = lambda x, *args, forward=forward: calls.append(1) or forward(x, *args)
+    calls = mlp_calls(model)
     ours = gradients(model, ("recompute",) * TINY.num_layers, mlp_chunk_tokens=16, by_block=True)
     assert len(calls) == 14 * TINY.num_layers  # 5 chunks, 4 + 5 again: the whole layer's recomputation
     for name, grad in reference.items():

@@ -123,26 +123,37 @@ def test_a_layer_recomputed_by_block_runs_each_mlp_chunk_twice_not_three_times(p
     # The chunks checkpoint themselves; recomputing the whole layer runs them until the last one's
     # input is saved again: 4 of 5 chunks a third time.
     model = lora_model()
-    calls = []
-    for layer in model.layers:
-        forward = layer.mlp.forward
-        layer.mlp.forward = lambda x, *args, forward=forward: calls.append(x.shape[1]) or forward(x, *args)
+    calls = mlp_calls(model)
     gradients(model, (policy,) * TINY.num_layers, mlp_chunk_tokens=16, by_block=by_block)  # 5 chunks a layer
     assert len(calls) == runs * TINY.num_layers
 
 
-class DownProjections(TorchDispatchMode):
-    """Counts the (tokens x intermediate) @ (intermediate x embed) products dispatched while active:
-    the down projection's forward, and the up and gate projections' input gradients."""
+def mlp_calls(model: torch.nn.Module) -> list[int]:
+    """A list that each layer's MLP appends its input's length to whenever it runs."""
+    calls = []
+    for layer in model.layers:
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, *args, forward=forward: calls.append(x.shape[1]) or forward(x, *args)
+    return calls
 
-    def __init__(self) -> None:
+
+class Dispatched(TorchDispatchMode):
+    """Counts the ops dispatched while active for which `which(op, args)` holds."""
+
+    def __init__(self, which) -> None:
         super().__init__()
-        self.count = 0
+        self.which, self.count = which, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.mm.default:
-            self.count += args[0].shape[-1] == TINY.intermediate_dim and args[1].shape[-1] == TINY.embed_dim
+        self.count += bool(self.which(func, args))
         return func(*args, **(kwargs or {}))
+
+
+def down_projections(func, args) -> bool:
+    """(tokens x intermediate) @ (intermediate x embed) products: the down projection's forward,
+    and the up and gate projections' input gradients."""
+    return (func is torch.ops.aten.mm.default and args[0].shape[-1] == TINY.intermediate_dim
+            and args[1].shape[-1] == TINY.embed_dim)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
@@ -154,7 +165,7 @@ def test_a_recomputed_layer_does_not_run_its_down_projection_again(policy, quant
         model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized))
         set_trainable_params(model)
         set_memory_policy(model.train(), (policy,) * TINY.num_layers, min_offload_bytes=0)
-        with DownProjections() as calls:
+        with Dispatched(down_projections) as calls:
             model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
         return calls.count
 
@@ -187,18 +198,6 @@ def test_a_compiled_recomputed_layer_gives_the_kept_layers_gradients(mlp_chunk_t
         torch.testing.assert_close(ours[name], grad, rtol=0, atol=1e-6)
 
 
-class AttentionCalls(TorchDispatchMode):
-    """Counts the fused attention kernels dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in ATTENTION_OPS
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
 @pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION])
 def test_a_layer_that_keeps_its_attention_output_does_not_run_attention_again(policy, quantized):
@@ -207,7 +206,7 @@ def test_a_layer_that_keeps_its_attention_output_does_not_run_attention_again(po
     set_trainable_params(model)
     set_memory_policy(model, (policy,) * TINY.num_layers, min_offload_bytes=0)
     tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
-    with AttentionCalls() as calls:
+    with Dispatched(lambda func, args: func in ATTENTION_OPS) as calls:
         loss = model(tokens).float().pow(2).mean()
         in_forward = calls.count
         loss.backward()

@@ -409,8 +409,7 @@ def _down(w2: nn.Module, product: torch.Tensor, gate: torch.Tensor | None = None
 
 # A compiled layer saves what its graph saves only once the whole graph has run, so a layer under an
 # eager checkpoint (TransformerLayer.recomputed) runs the down projection outside it, eagerly, where
-# the early stop above applies. (Chunks of the MLP checkpoint inside the graph, whose partitioner
-# recomputes only what backward needs.)
+# the early stop above applies.
 _down_eagerly = torch.compiler.disable(_down)
 
 # A compiled layer runs its MLP's chunks outside its graph, each an eager checkpoint, whose memory
@@ -445,9 +444,8 @@ class TransformerLayer(nn.Module):
             attn_mask = windowed_mask if self.attn.window is not None else mask
             h = h + self.sa_post_norm(self.attn(self.sa_norm(h), rope, attn_mask))
         if mlp:
-            chunked = chunks_sequence(h, self.mlp_chunk_tokens)
-            feed_forward = partial(self.feed_forward, eager_down=self.recomputed and not chunked)
-            h = h + (_chunks_eagerly if chunked else in_sequence_chunks)(feed_forward, h, self.mlp_chunk_tokens)
+            chunks = _chunks_eagerly if chunks_sequence(h, self.mlp_chunk_tokens) else in_sequence_chunks
+            h = h + chunks(partial(self.feed_forward, eager_down=self.recomputed), h, self.mlp_chunk_tokens)
         return h
 
     def feed_forward(self, h: torch.Tensor, eager_down: bool = False) -> torch.Tensor:

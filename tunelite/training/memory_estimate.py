@@ -452,8 +452,11 @@ class MemoryModel:
                        tokens * attention_backward_bytes_per_token(args, p))
 
         # by whether the layer is recomputed; the MLP's chunks run eagerly, compiled or not
-        backward = {False: in_backward(self.chunk_mlp_backward_extra if chunked else self.mlp_backward_extra),
-                    True: in_backward(self.chunk_mlp_backward_extra if chunked else self.recomputed_mlp_backward_extra)}
+        if chunked:
+            backward = dict.fromkeys((False, True), in_backward(self.chunk_mlp_backward_extra))
+        else:
+            backward = {False: in_backward(self.mlp_backward_extra),
+                        True: in_backward(self.recomputed_mlp_backward_extra)}
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
@@ -536,9 +539,10 @@ class MemoryModel:
         projections and MLP, and its attention unless it keeps the attention output), then the
         fewest offloaded layers; the first layers kept, the rest recomputed, the first of those
         offloaded and keeping their attention output; the MLP in chunks only when nothing fits
-        without, the recomputed layers then recomputed by block unless nothing fits so. `offload` without recomputation is never chosen: it moves a layer's every
-        activation over PCIe (about 22x its input at Llama sizes), slower than recomputing it
-        unless the copy hides behind compute."""
+        without, the recomputed layers then recomputed by block unless nothing fits so. `offload`
+        without recomputation is never chosen: it moves a layer's every activation over PCIe
+        (about 22x its input at Llama sizes), slower than recomputing it unless the copy hides
+        behind compute."""
         layers = self.args.num_layers
         batch, seq = batch or self.batch, seq or self.seq
         tokens = batch * self.recipe.sequences_per_sample * seq
@@ -612,11 +616,11 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
                    gradient is summed over the loss chunks out of place: 3 V d p at that moment
       optimizer    AdamW: 2 p per trained value (state in the parameter's dtype); torchao 8-bit
                    2 (1 + 4/256), 4-bit 2 (0.5 + 4/128); cpu_offload_optimizer: none
-      activations  per layer, by its policy: keep T (d p + saved), recompute T d p, offloaded
-                   none, and a recomputed layer that keeps its attention output T (H p + 4 h) (H
-                   the heads' width, h the heads: the output and its log-sum-exp); plus, at the
-                   peak of the backward through a layer, that layer's input
-                   and saved activations and its backward's gradients
+      activations  per layer, by its policy: keep T (d p + saved), recompute T d p (2 T d p
+                   by block), offloaded none, and a recomputed layer that keeps its attention
+                   output T (H p + 4 h) (H the heads' width, h the heads: the output and its
+                   log-sum-exp); plus, at the peak of the backward through a layer, that layer's
+                   input and saved activations and its backward's gradients
                    (`saved_tensors_per_token`, `backward_extra_bytes_per_token`,
                    `attention_backward_bytes_per_token`; the MLP's for one chunk when it runs in
                    chunks), and an offloaded layer's predecessor fetched ahead. At the loss: the

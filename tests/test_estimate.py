@@ -241,7 +241,8 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
     recomputed = sum(map(recomputes, plan.layers))
     offloaded = sum(offloads(p) for p in plan.layers)
     attention = sum(map(keeps_attention, plan.layers))
-    assert plan == _ordered_plan(layers, recomputed, offloaded, attention, plan.mlp_chunk_tokens, plan.by_block)
+    way = (plan.mlp_chunk_tokens, plan.by_block)  # the MLP whole, or its chunks and how they are recomputed
+    assert plan == _ordered_plan(layers, recomputed, offloaded, attention, *way)
     linear, attention_flops = model.recompute_flops(batch, seq)
     assert linear > 0 and attention_flops > 0
 
@@ -250,9 +251,9 @@ def test_the_budget_picks_the_least_recomputation_then_the_fewest_offloaded_laye
 
     # nothing that recomputes less fits (with the MLP chunked as chosen), however many of its layers are offloaded
     cheaper = [(r, a) for r in range(layers + 1) for a in range(r + 1) if cost(r, a) < cost(recomputed, attention)]
-    assert all(model.estimate(_ordered_plan(layers, r, r, a, plan.mlp_chunk_tokens, plan.by_block)).total > budget for r, a in cheaper)
+    assert all(model.estimate(_ordered_plan(layers, r, r, a, *way)).total > budget for r, a in cheaper)
     if offloaded:  # nor the same with one fewer offloaded
-        assert model.estimate(_ordered_plan(layers, recomputed, offloaded - 1, attention, plan.mlp_chunk_tokens, plan.by_block)).total > budget
+        assert model.estimate(_ordered_plan(layers, recomputed, offloaded - 1, attention, *way)).total > budget
     if seq == 32768 and budget_gib == 22:  # long samples keep attention outputs: their recomputation costs seq^2
         assert attention > 0 and attention_flops > linear / 2
 

@@ -147,7 +147,7 @@ def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_token
         layer.mlp_chunk_tokens = mlp_chunk_tokens
         layer.recomputed = recomputes(policy)
         # A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward.
-        keep_dequantized_weights(layer, recomputes(policy))
+        keep_dequantized_weights(layer, layer.recomputed)
 
 
 def in_sequence_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

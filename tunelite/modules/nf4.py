@@ -120,7 +120,7 @@ def frozen_linear(
     saved tensors and its recomputation runs just before backward, so this saves one of the three
     dequantizations a step makes, for one layer's bf16 weights held during that layer's backward.
     It is then a plain linear, whose autograd saves the weight before the product is computed, so
-    a recomputation that needs nothing after it stops before it (tunelite.modules.gated_mlp)."""
+    a recomputation that needs nothing after it stops before it (tunelite.models.decoder._down)."""
     if not isinstance(weight, NF4Tensor):
         return F.linear(x, weight, bias)
     if keep_dequantized:

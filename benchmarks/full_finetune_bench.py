@@ -21,6 +21,10 @@ Before trusting a new path's speed, its numbers: `--check` trains a small Llama 
 prints the largest difference between their weights (`RESULT bench=full_finetune_check ...`;
 fp32, so differences of ~1e-7 are rounding).
 
+On a GPU, the rate the link between host and device gives what the optimizer moves (`--pcie`):
+pinned copies of 1 GiB device-to-host, host-to-device, and both at once on two streams (a
+micro-batch's gradients leave while the weights or offloaded activations come back).
+
 On any machine, the CPU side alone (what the brief's "whichever is faster" compares):
 
     python benchmarks/full_finetune_bench.py --cpu-kernels [--numel 268435456] [--cpu-threads N]
@@ -119,6 +123,25 @@ def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
     print(f"{numel} fp32 values, {torch.get_num_threads()} threads, best of {reps}:")
     for name, seconds in rows:
         print(f"  {name:<48} {seconds * 1e3:9.1f} ms  {numel / seconds / 1e9:6.2f} G values/s")
+
+
+def pcie(reps: int) -> None:
+    host = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
+    back = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    other = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+    down, up = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def copies(*directions: str) -> None:
+        for direction in directions:
+            with torch.cuda.stream(down if direction == "d2h" else up):
+                (host.copy_(device, non_blocking=True) if direction == "d2h"
+                 else other.copy_(back, non_blocking=True))
+        torch.cuda.synchronize()
+
+    for directions in (("d2h",), ("h2d",), ("d2h", "h2d")):
+        seconds = best_seconds(lambda: copies(*directions), reps)
+        print(f"RESULT bench=pcie copies={'+'.join(directions)} gib_per_s_each={1 / seconds:.1f}", flush=True)
 
 
 def train(a: argparse.Namespace) -> None:
@@ -248,6 +271,7 @@ def main() -> None:
                     help="micro-batches after the first are added into the host accumulators on the device")
     ap.add_argument("--check", action="store_true", help="the optimizer's weights against torch AdamW's, small model")
     ap.add_argument("--cpu-kernels", action="store_true", help="time the CPU kernels only")
+    ap.add_argument("--pcie", action="store_true", help="time pinned copies between host and device only")
     ap.add_argument("--numel", type=int, default=2**28)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
@@ -255,6 +279,8 @@ def main() -> None:
         torch.set_num_threads(a.cpu_threads)
     if a.cpu_kernels:
         cpu_kernels(a.numel, [2**20, 2**22, 2**24], a.reps)
+    elif a.pcie:
+        pcie(a.reps)
     elif a.check:
         check(a)
     elif a.checkpoint:

@@ -35,6 +35,8 @@
 #   bash benchmarks/gpu_tables.sh 20  # Unsloth at 32k | ours at 32k planned by FLOPs across the MLP's ways (withdrawn)
 #   bash benchmarks/gpu_tables.sh 21  # next (issue 17): torchtune compiled LoRA/QLoRA, then ours compiled at their
 #                                     # memory: the defaults, and budgets whose predicted peak is at most theirs
+#   bash benchmarks/gpu_tables.sh 22  # torchtune's full recipe and compiled LoRA/QLoRA | the link's rate, our full
+#                                     # fine-tune's 32k-token step as one batch of 16 under a 22 GiB budget, call 21's defaults
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -435,6 +437,32 @@ case $CALL in
         done
         row lora-at-peer 80 python3 benchmarks/long_context_bench.py $CK --rows lora-budget --cap-gib 17.75 --steps 8 --warmup 3
         row qlora-at-peer 80 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget --cap-gib 8.6 --steps 8 --warmup 3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+22)
+    # GPU 0: torchtune's full recipe (2 x 2048, AdamW8bit on the GPU), then its compiled LoRA and QLoRA.
+    # GPU 1: the pinned copies' rate; the full fine-tune's 32k-token step as one batch of 16 x 2048 under
+    # memory_budget_gib: 22 (layer inputs offloaded, the gradients copied straight into the host
+    # accumulators); then ours compiled at the configs' defaults (issue 17 at the peers' memory)
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        timeout 30 python3 benchmarks/full_finetune_bench.py --pcie
+        row full-b16 170 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 16 \
+            --accumulation 1 --steps 4 --warmup 2 +memory_budget_gib=22 +optimizer.accumulate_on_device=True
+        for kind in lora qlora; do
+            row "$kind-default" 110 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+                --steps 10 --warmup 4
+        done
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

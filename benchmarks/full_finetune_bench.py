@@ -109,10 +109,26 @@ def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
 
     rows = [("torch.optim.AdamW(fused=True).step()", best_seconds(torch_fused.step, reps)),
             ("torch._fused_adamw_, whole tensor", best_seconds(raw, reps))]
+    whole = torch.empty(numel)
+    rows.append(("whole tensors: bf16 gradient to fp32, fused, bf16 out",
+                 best_seconds(lambda: (whole.copy_(grad_bf16), raw(), weights_out.copy_(master)), reps)))
+    rows.append(("copy fp32 to bf16, whole tensor", best_seconds(lambda: weights_out.copy_(master), reps)))
+    rows.append(("copy bf16 to fp32, whole tensor", best_seconds(lambda: whole.copy_(grad_bf16), reps)))
     for size in chunk_sizes:
         scratch = torch.empty(size)
+
+        def fused_chunks() -> None:
+            step.add_(1)
+            for lo in range(0, numel, size):
+                torch._fused_adamw_([master[lo:lo + size]], [grad[lo:lo + size]], [exp_avg[lo:lo + size]],
+                                    [exp_avg_sq[lo:lo + size]], [], [step], amsgrad=False, maximize=False, **settings)
+
+        rows.append((f"torch._fused_adamw_, chunks of 2^{size.bit_length() - 1}", best_seconds(fused_chunks, reps)))
         rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 out",
                      best_seconds(lambda: adamw_update(master, grad, exp_avg, exp_avg_sq, step, weights_out,
+                                                         scratch, settings, None), reps)))
+        rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 gradient in, bf16 out",
+                     best_seconds(lambda: adamw_update(master, grad_bf16, exp_avg, exp_avg_sq, step, weights_out,
                                                          scratch, settings, None), reps)))
         rows.append((f"accumulate bf16 into fp32, chunks of 2^{size.bit_length() - 1}",
                      best_seconds(lambda: accumulate(grad, grad_bf16, False, scratch), reps)))

@@ -37,6 +37,8 @@
 #                                     # memory: the defaults, and budgets whose predicted peak is at most theirs
 #   bash benchmarks/gpu_tables.sh 22  # torchtune's full recipe and compiled LoRA/QLoRA | the link's rate, our full
 #                                     # fine-tune's 32k-token step as one batch of 16 under a 22 GiB budget, call 21's defaults
+#   bash benchmarks/gpu_tables.sh 23  # where the CPU update's time goes on the host, then the 16 x 2048 step under
+#                                     # a 22 GiB allocator cap, its gradients accumulated in bf16 / fp32
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -465,6 +467,22 @@ case $CALL in
         done
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    ;;
+23)
+    # One GPU, nothing beside it (the host's memory bandwidth is what is measured): the CPU update's
+    # kernels on 2^28 values; then the full fine-tune's 16 x 2048 step capped at 22 GiB, the gradients
+    # sent in bf16 (converted on the host in the update) and in fp32 (converted on the device)
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    timeout 90 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 2 > "$OUT/cpu.log" 2>&1
+    export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    for dtype in bf16 fp32; do
+        row "full-b16-$dtype" 170 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 16 \
+            --accumulation 1 --steps 6 --warmup 2 --cap-gib 22 +memory_budget_gib=22 +optimizer.accumulate_on_device=True \
+            optimizer.accumulation_dtype=$dtype
+    done > "$OUT/full.log" 2>&1
+    cat "$OUT/cpu.log"
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -5,11 +5,12 @@ sample exactly --seq tokens, no padding), so the same command measures every rec
 of ../shared/bench/ANCHORS.md. Checkpoint writing is skipped: it is not what is measured.
 
     python benchmarks/recipe_bench.py lora_finetune_single_device llama3_1/8B_lora_single_device CKPT_DIR \
-        [--batch 2] [--seq 2048] [--accumulation 1] [--steps 12] [--warmup 3] [key=value overrides...]
+        [--batch 2] [--seq 2048] [--accumulation 1] [--steps 12] [--warmup 3] [--cap-gib 22] [key=value overrides...]
 
 Prints `RESULT recipe=... tokens_per_s=... peak_alloc_gib=... peak_reserved_gib=... peak_host_rss_gib=...`,
 with tokens/s counted as batch x seq x accumulation per step over the steps after warm-up (as the
-anchors count).
+anchors count). `--cap-gib` caps the CUDA caching allocator (reserved memory) as a smaller card
+would: the allocator frees its cache and retries before it goes past the cap.
 
 Under torchrun it measures a distributed recipe: --batch is per GPU, tokens/s counts every GPU's
 tokens, the peaks are rank 0's (each GPU holds the same share), and rank 0 alone prints:
@@ -25,6 +26,7 @@ import runpy
 import tempfile
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from tunelite.checkpointing.hf import model_args_from_hf_config, read_hf_config
@@ -45,8 +47,13 @@ def main() -> None:
     ap.add_argument("--accumulation", type=int, default=1, help="micro-batches a step (gradient_accumulation_steps)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cap-gib", type=float, help="cap the CUDA allocator's reserved memory at this many GiB")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args()
+    if a.cap_gib and torch.cuda.is_available():
+        gpu = int(os.environ.get("LOCAL_RANK", 0))  # the GPU a distributed recipe's rank takes
+        torch.cuda.set_per_process_memory_fraction(a.cap_gib * 2**30 / torch.cuda.get_device_properties(gpu).total_memory,
+                                                   gpu)
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # the processes torchrun started, 1 without it
     out = Path(tempfile.mkdtemp(prefix="tunelite-bench-"))

@@ -30,9 +30,10 @@ On any machine, the CPU side alone (what the brief's "whichever is faster" compa
     python benchmarks/full_finetune_bench.py --cpu-kernels [--numel 268435456] [--cpu-threads N]
 
 times, on `--numel` fp32 values: torch.optim.AdamW(fused=True).step(), torch._fused_adamw_ on the
-whole tensor, the optimizer's chunked update (`adamw_update`, with the bf16 weights written out),
-its accumulation of a bf16 gradient into fp32 (`accumulate`) and the squared norm it takes once a
-step, at several chunk sizes, and the accumulation into bf16 (one whole-tensor add).
+whole tensor and chunk by chunk, the conversions between fp32 and bf16, the optimizer's chunked
+update (`adamw_update`, of a bf16 gradient), its accumulation of a bf16 gradient into fp32
+(`accumulate`) and the squared norm it takes once a step, at several chunk sizes, and the
+accumulation into bf16 (one whole-tensor add).
 """
 
 import argparse
@@ -124,12 +125,9 @@ def cpu_kernels(numel: int, chunk_sizes: list[int], reps: int) -> None:
                                     [exp_avg_sq[lo:lo + size]], [], [step], amsgrad=False, maximize=False, **settings)
 
         rows.append((f"torch._fused_adamw_, chunks of 2^{size.bit_length() - 1}", best_seconds(fused_chunks, reps)))
-        rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 out",
-                     best_seconds(lambda: adamw_update(master, grad, exp_avg, exp_avg_sq, step, weights_out,
-                                                         scratch, settings, None), reps)))
-        rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 gradient in, bf16 out",
-                     best_seconds(lambda: adamw_update(master, grad_bf16, exp_avg, exp_avg_sq, step, weights_out,
-                                                         scratch, settings, None), reps)))
+        rows.append((f"adamw_update, chunks of 2^{size.bit_length() - 1}, bf16 gradient in",
+                     best_seconds(lambda: adamw_update(master, grad_bf16, exp_avg, exp_avg_sq, step, scratch, settings,
+                                                         None), reps)))
         rows.append((f"accumulate bf16 into fp32, chunks of 2^{size.bit_length() - 1}",
                      best_seconds(lambda: accumulate(grad, grad_bf16, False, scratch), reps)))
         rows.append((f"squared norm of bf16, chunks of 2^{size.bit_length() - 1}",

@@ -39,6 +39,8 @@
 #                                     # fine-tune's 32k-token step as one batch of 16 under a 22 GiB budget, call 21's defaults
 #   bash benchmarks/gpu_tables.sh 23  # where the CPU update's time goes on the host, then the 16 x 2048 step under
 #                                     # a 22 GiB allocator cap, its gradients accumulated in bf16 / fp32
+#   bash benchmarks/gpu_tables.sh 24  # after the updated weights go back in fp32 (rounded on the GPU): the check,
+#                                     # the 16 x 2048 step and the 2 x 2048 x 8 one | torchtune's full recipe
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -483,6 +485,30 @@ case $CALL in
             optimizer.accumulation_dtype=$dtype
     done > "$OUT/full.log" 2>&1
     cat "$OUT/cpu.log"
+    ;;
+24)
+    # The update no longer rounds the weights to bf16 on the host: the fp32 master weights go to the GPU.
+    # GPU 0: the check against torch's AdamW, then the full fine-tune's 32k-token step as 16 x 2048 under
+    # a 22 GiB cap and as 2 x 2048 x 8 (the config). GPU 1: torchtune's full recipe (its optimizer on the GPU)
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu1.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        for flag in "" --accumulate-on-device; do
+            timeout 60 python3 benchmarks/full_finetune_bench.py --check $flag 2>&1 | tail -1
+        done
+        row full-b16 170 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 16 \
+            --accumulation 1 --steps 6 --warmup 2 --cap-gib 22 +memory_budget_gib=22 +optimizer.accumulate_on_device=True
+        row full-2x8 190 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 2 \
+            --accumulation 8 --steps 5 --warmup 2 --cap-gib 22
+    ) > "$OUT/gpu0.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -270,11 +270,12 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
     fixed = 2 * 4096 * 2 + 4 * 256  # staging ring (twice the largest gradient, bf16) and scratch
     assert sum(fp32.values()) == 16 * 6144 + fixed
     assert sum(bf16.values()) == 14 * 6144 + fixed
-    # the device adding into the accumulators needs no staging ring, and holds three chunks itself
+    # the device adding into the accumulators needs no staging ring, and holds three chunks more
+    # than the fp32 chunk every update's weights pass through on their way into the model
     on_device = host_memory(numels, torch.bfloat16, torch.bfloat16, chunk_size=256, accumulate_on_device=True)
     assert sum(on_device.values()) == 14 * 6144 + 4 * 256
-    assert device_memory(torch.bfloat16, 256, accumulate_on_device=True) == (2 * 2 + 4) * 256
-    assert device_memory(torch.bfloat16, 256) == 0
+    assert device_memory(torch.bfloat16, 256, accumulate_on_device=True) == (2 * 2 + 4) * 256 + 4 * 256
+    assert device_memory(torch.bfloat16, 256) == 4 * 256
 
 
 def test_a_machine_without_that_much_free_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
@@ -362,15 +363,17 @@ def test_estimate_states_the_host_memory_it_takes(tmp_path, capsys):
     assert main(["estimate", "full_finetune_single_device", "--config", "llama3_1/8B_full_single_device",
                  f"checkpointer.checkpoint_dir={tmp_path}", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
-    assert "optimizer state          0.00 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out
+    # on the GPU: the fp32 chunk the updated weights pass through (4 x 4M)
+    assert "optimizer state          0.02 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out
     assert "host memory for the optimizer: 106.68 GiB" in out  # the config accumulates in bf16
+    assert "fp32 master weights (pinned) 29.92 GiB" in out
     assert "gradient accumulator (pinned) 14.96 GiB" in out
     # the device adding: its three chunks on the GPU, no staging ring on the host
     assert main(["estimate", "full_finetune_single_device", "--config", "llama3_1/8B_full_single_device",
                  f"checkpointer.checkpoint_dir={tmp_path}", "--gpu-memory", "24GB",
                  "+optimizer.accumulate_on_device=True"]) == 0
     out = capsys.readouterr().out
-    assert "optimizer state          0.03 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out  # (2 x 2 + 4) x 4M
+    assert "optimizer state          0.05 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out  # (2 x 2 + 4 + 4) x 4M
     assert "host memory for the optimizer: 104.72 GiB" in out and "staging ring" not in out
 
 

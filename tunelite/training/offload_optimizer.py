@@ -13,9 +13,10 @@ memory, and the CPU runs the update while the GPU computes. For each parameter p
             adds up their norms (taking any the worker could not foresee), clipping becomes a
             scale applied inside the update, and the updates are queued in forward order
             (embedding first);
-  worker    fused CPU AdamW on p's fp32 master and moments, chunk by chunk; the new weights, in
-            the model's dtype, go into the accumulator's memory (free until p's next gradient)
-            and are copied to the GPU on a second side stream, with an event recorded;
+  worker    fused CPU AdamW on p's fp32 master and moments, chunk by chunk; the new fp32 master
+            weights (pinned) are copied to the GPU chunk by chunk on a second side stream and
+            rounded to the model's dtype there, with an event recorded: the bus carries twice
+            the bytes, which it has to spare, and the host makes no pass to convert them;
   forward   each block of the model waits for its own parameters' events before it runs
             (`wait_in_forward`), so the first layers compute while the CPU updates the last.
 
@@ -88,11 +89,11 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
                 chunk_size: int = CHUNK_SIZE, accumulate_on_device: bool = False) -> dict[str, int]:
     """Host bytes the optimizer takes for parameters of these sizes, by what holds them: what
     `tunelite estimate` reports and what the optimizer checks against the machine's free memory.
-    Per parameter: 12 bytes pageable (fp32 master and two moments) and, pinned, the accumulator
-    (4 bytes in fp32, 2 in bf16), which also carries the updated weights back to the device; the
-    staging ring unless the device accumulates."""
+    Per parameter: 8 bytes pageable (the two moments) and, pinned, the fp32 master weights (the
+    device reads them back after each update) and the accumulator (4 bytes in fp32, 2 in bf16);
+    the staging ring unless the device accumulates."""
     needed = {
-        "fp32 master weights": 4 * sum(numels),
+        "fp32 master weights (pinned)": sum(_aligned(4 * n) for n in numels),
         "AdamW moments (fp32)": 8 * sum(numels),
         "gradient accumulator (pinned)": sum(_aligned(n * accumulation_dtype.itemsize) for n in numels),
         "gradient staging ring (pinned)": _staging_numel(numels) * weight_dtype.itemsize,
@@ -105,9 +106,10 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
 
 def device_memory(accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = CHUNK_SIZE,
                   accumulate_on_device: bool = False) -> int:
-    """Device bytes the optimizer holds: with `accumulate_on_device`, two chunks of the
-    accumulator in flight and the fp32 copy of one for the last micro-batch's norm."""
-    return (2 * accumulation_dtype.itemsize + 4) * chunk_size if accumulate_on_device else 0
+    """Device bytes the optimizer holds: a chunk of fp32 master weights on its way into the
+    model's weights and, with `accumulate_on_device`, two chunks of the accumulator in flight and
+    the fp32 copy of one for the last micro-batch's norm."""
+    return 4 * chunk_size + ((2 * accumulation_dtype.itemsize + 4) * chunk_size if accumulate_on_device else 0)
 
 
 def check_host_memory(needed: dict[str, int], meminfo: Path | None = None) -> None:
@@ -141,11 +143,11 @@ class _Slot:
     exp_avg_sq: torch.Tensor
     step: torch.Tensor  # fp32 scalar, as torch.optim keeps it (the fused kernel reads it)
     accum: torch.Tensor  # flat, pinned, accumulation dtype
-    weights_out: torch.Tensor  # the same memory in the parameter's dtype: updated weights on their way back
     landed: int = 0  # gradients added into `accum` since the last update or zero_grad
     sumsq: float | None = None  # squared norm of `accum` as it is; None: not taken since its last change
     ready: threading.Event = field(default_factory=threading.Event)  # set once the newest weights are sent
     sent: Any = None  # CUDA event recorded after the copy to the GPU; the forward's stream waits on it
+    read: Any = None  # the same event, kept for the worker: `master` is not written before the copy has read it
     arrived: int = 0  # accumulate_on_device: gradients sent this step (the autograd and main threads' count)
     accumulated: Any = None  # accumulate_on_device: CUDA event after the last copy back into `accum`
 
@@ -241,6 +243,8 @@ class OverlappedCPUAdamW:
         cuda = self.device.type == "cuda"
         slot_bytes = accumulation_dtype.itemsize
         self._pinned = _host_buffer(needed["gradient accumulator (pinned)"], torch.uint8, cuda)
+        masters = _host_buffer(needed["fp32 master weights (pinned)"] // 4, torch.float32, cuda)
+        self._staging = torch.empty(chunk_size, dtype=torch.float32, device=self.device) if cuda else None
         self._ring = None if accumulate_on_device else _StagingRing(
             _host_buffer(_staging_numel(numels), weight_dtype, cuda))
         # accumulate_on_device: two chunks of accumulator on the device, one streamed in while the
@@ -251,16 +255,15 @@ class OverlappedCPUAdamW:
         self._scratch = torch.empty(chunk_size, dtype=torch.float32)
         self._slots: list[_Slot] = []
         self._hooks: list[Any] = []
-        offset = 0
+        offset = master_offset = 0
         for index, (p, group) in enumerate(pairs):
             region = self._pinned[offset:offset + p.numel() * slot_bytes]
             offset += _aligned(p.numel() * slot_bytes)
-            master = torch.empty(p.numel(), dtype=torch.float32)
+            master = masters[master_offset:master_offset + p.numel()]
+            master_offset += _aligned(4 * p.numel()) // 4
             master.copy_(p.detach().reshape(-1))  # converted on the host, never as an fp32 copy on the GPU
             slot = _Slot(index, p, group, master, torch.zeros_like(master), torch.zeros_like(master),
-                         torch.zeros((), dtype=torch.float32),
-                         region[:p.numel() * accumulation_dtype.itemsize].view(accumulation_dtype),
-                         region[:p.numel() * weight_dtype.itemsize].view(weight_dtype))
+                         torch.zeros((), dtype=torch.float32), region.view(accumulation_dtype))
             slot.ready.set()
             self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._grad_ready, slot)))
             self._slots.append(slot)
@@ -271,7 +274,7 @@ class OverlappedCPUAdamW:
         if cuda:
             self._to_host, self._to_device = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
             self._fetch = torch.cuda.Stream(self.device)  # accumulate_on_device: chunks in, and the adds
-        self._worker = _Worker([self._pinned] + ([self._ring.buffer] if self._ring else []) if cuda else [])
+        self._worker = _Worker([self._pinned, masters] + ([self._ring.buffer] if self._ring else []) if cuda else [])
         self._stop_worker = weakref.finalize(self, self._worker.stop)
 
     # The main thread's side: what the loop calls.
@@ -372,6 +375,8 @@ class OverlappedCPUAdamW:
                              f"groups, this optimizer {len(self._slots)} in {len(ours)}")
         for slot in self._slots:
             saved = state["state"][slot.index]
+            if slot.read is not None:
+                slot.read.synchronize()
             if saved["master_weight"].shape != slot.param.shape:
                 raise ValueError(f"parameter {slot.index} has shape {tuple(slot.param.shape)}, "
                                  f"the state {tuple(saved['master_weight'].shape)}")
@@ -519,8 +524,10 @@ class OverlappedCPUAdamW:
             if self._worker.error is not None:
                 return
             slot.step += 1
-            adamw_update(slot.master, slot.accum, slot.exp_avg, slot.exp_avg_sq, slot.step, slot.weights_out,
-                         self._scratch, settings, grad_scale)
+            if slot.read is not None:
+                slot.read.synchronize()  # the last step's copy to the GPU, long done
+            adamw_update(slot.master, slot.accum, slot.exp_avg, slot.exp_avg_sq, slot.step, self._scratch, settings,
+                         grad_scale)
             slot.landed, slot.sumsq = 0, None
             self._emit("stepped", slot.index)
             self._send(slot)
@@ -529,15 +536,20 @@ class OverlappedCPUAdamW:
             slot.ready.set()
 
     def _send(self, slot: _Slot) -> None:
-        weights = slot.weights_out.view(slot.param.shape)
+        """The fp32 master weights into the model's weights, rounded on the way (on the GPU: chunk
+        by chunk through one fp32 chunk of device memory, in one stream's order)."""
         with torch.no_grad():
-            if slot.param.is_cuda:
-                with torch.cuda.stream(self._to_device):
-                    slot.param.copy_(weights, non_blocking=True)
-                    slot.sent = torch.cuda.Event()
-                    slot.sent.record()
-            else:
-                slot.param.copy_(weights)
+            if not slot.param.is_cuda:
+                slot.param.copy_(slot.master.view(slot.param.shape))
+                return
+            flat = slot.param.view(-1)
+            with torch.cuda.stream(self._to_device):
+                for lo, hi in _chunks(flat.numel(), self._staging.numel()):
+                    staged = self._staging[:hi - lo]
+                    staged.copy_(slot.master[lo:hi], non_blocking=True)
+                    flat[lo:hi].copy_(staged)
+                slot.sent = slot.read = torch.cuda.Event(blocking=True)
+                slot.sent.record()
 
     def _forget_gradients(self) -> None:
         for slot in self._slots:
@@ -585,18 +597,16 @@ def _squared(part: torch.Tensor, scratch: torch.Tensor) -> float:
 
 def adamw_update(
     master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
-    weights_out: torch.Tensor, scratch: torch.Tensor, settings: dict[str, float], grad_scale: torch.Tensor | None,
+    scratch: torch.Tensor, settings: dict[str, float], grad_scale: torch.Tensor | None,
 ) -> None:
     """torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs, without its
-    per-call bookkeeping) over flat fp32 tensors chunk by chunk, each chunk's new weights written
-    to `weights_out` in the model's dtype while in cache. `grad_scale` divides the gradient (the
-    clip scale's inverse); `step` is already counted. `weights_out` may share the gradient's
-    memory: each chunk overwrites only values that chunk or an earlier one has read."""
+    per-call bookkeeping) over flat fp32 tensors chunk by chunk, a gradient in another dtype
+    converted into the fp32 scratch chunk by chunk while in cache. `grad_scale` divides the
+    gradient (the clip scale's inverse); `step` is already counted."""
     for lo, hi in _chunks(master.numel(), scratch.numel()):
         g = grad[lo:hi] if grad.dtype == torch.float32 else scratch[:hi - lo].copy_(grad[lo:hi])
         torch._fused_adamw_([master[lo:hi]], [g], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [], [step],
                             amsgrad=False, maximize=False, grad_scale=grad_scale, **settings)
-        weights_out[lo:hi].copy_(master[lo:hi])
 
 
 def _chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:

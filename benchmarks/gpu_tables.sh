@@ -41,6 +41,8 @@
 #                                     # a 22 GiB allocator cap, its gradients accumulated in bf16 / fp32
 #   bash benchmarks/gpu_tables.sh 24  # after the updated weights go back in fp32 (rounded on the GPU): the check,
 #                                     # the 16 x 2048 step and the 2 x 2048 x 8 one | torchtune's full recipe
+#   bash benchmarks/gpu_tables.sh 25  # the 16 x 2048 step over 8 timed steps, then a profiled 2 x 2048 x 8 step |
+#                                     # a profiled compiled LoRA step at 2 x 2048 (issue 17)
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -509,6 +511,30 @@ case $CALL in
             --accumulation 8 --steps 5 --warmup 2 --cap-gib 22
     ) > "$OUT/gpu0.log" 2>&1 &
     wait
+    ;;
+25)
+    # GPU 0: the 16 x 2048 step again over more steps; then where a 2 x 2048 x 8 step's time goes (one
+    # profiled step). GPU 1: where a compiled LoRA step at 2 x 2048 goes (the config's default policy)
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True"
+    (
+        export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row full-b16 150 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 16 \
+            --accumulation 1 --steps 10 --warmup 2 --cap-gib 22 +memory_budget_gib=22 +optimizer.accumulate_on_device=True
+        row full-2x8-profile 150 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 2 \
+            --accumulation 8 --steps 4 --warmup 2 --cap-gib 22 "$PROFILE, output_dir: /tmp/pf, wait: 2, warmup: 1, active: 1}"
+        python3 benchmarks/trace_summary.py "$(ls /tmp/pf/trace_step*.json | head -1)" 2>&1 | head -40 > "$OUT/profile-full.log"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        row lora-profile 150 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
+            --steps 8 --warmup 3 "$PROFILE, output_dir: /tmp/pl, wait: 5, warmup: 1, active: 2}"
+        python3 benchmarks/trace_summary.py "$(ls /tmp/pl/trace_step*.json | head -1)" 2>&1 | head -40 > "$OUT/profile-lora.log"
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    cat "$OUT/profile-full.log" "$OUT/profile-lora.log"
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

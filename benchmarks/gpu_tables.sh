@@ -43,6 +43,7 @@
 #                                     # the 16 x 2048 step and the 2 x 2048 x 8 one | torchtune's full recipe
 #   bash benchmarks/gpu_tables.sh 25  # the 16 x 2048 step over 8 timed steps, then a profiled 2 x 2048 x 8 step |
 #                                     # a profiled compiled LoRA step at 2 x 2048 (issue 17)
+#   bash benchmarks/gpu_tables.sh 26  # compiled LoRA at 2 x 2048 with and without expandable segments
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -535,6 +536,16 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     cat "$OUT/profile-full.log" "$OUT/profile-lora.log"
+    ;;
+26)
+    # Issue 17's rows ran with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, torchtune's without;
+    # call 25's profile found the GPU idle 13% of a compiled LoRA step. Ours without it, then with it.
+    ckpt
+    export CUDA_VISIBLE_DEVICES=0
+    for conf in "" expandable_segments:True; do
+        PYTORCH_CUDA_ALLOC_CONF=$conf row "lora-default alloc=$conf" 70 $BENCH lora_finetune_single_device \
+            llama3_1/8B_lora_single_device $CK compile=True --steps 8 --warmup 3
+    done > "$OUT/lora.log" 2>&1
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

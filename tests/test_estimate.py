@@ -126,7 +126,7 @@ def test_full_fine_tune_counts_gradients_and_optimizer_state_where_they_live(con
     weights = offloaded.components[WEIGHTS]
     assert on_gpu.components[GRADIENTS] >= weights  # bf16 gradients of every weight
     assert on_gpu.components["optimizer state"] == pytest.approx(2 * weights, rel=1e-6)  # two moments
-    assert offloaded.components["optimizer state"] == 0
+    assert offloaded.components["optimizer state"] == 4 * 2**22  # the fp32 chunk updated weights pass through
     assert offloaded.components[GRADIENTS] < weights / 5  # only the output projection's, being summed
     assert offloaded.components[LOSS] == 0 and offloaded.peak_during == OUTPUT_GRADIENT
 

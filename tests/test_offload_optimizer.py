@@ -389,3 +389,20 @@ def test_the_benchmarks_check_trains_as_torch_adamw_either_way(monkeypatch, caps
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert f"accumulate_on_device={bool(flag)}" in line
         assert float(line.rsplit("max_weight_diff=", 1)[1]) < 1e-5
+
+
+def test_host_memory_that_cannot_be_pinned_is_a_one_line_resource_error(monkeypatch):
+    class Cudart:
+        def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
+            return 2
+
+    def check_error(status: int) -> None:
+        error = torch.cuda.CudaError.__new__(torch.cuda.CudaError)
+        RuntimeError.__init__(error, f"out of memory ({status})")
+        raise error
+
+    monkeypatch.setattr(torch.cuda, "cudart", Cudart)
+    monkeypatch.setattr(torch.cuda, "check_error", check_error)
+    with pytest.raises(ResourceError, match=r"could not pin 0\.0 GiB of host memory \(out of memory \(2\)\)\. "
+                                            r"Free host memory, or raise the locked-memory limit"):
+        offload_optimizer._host_buffer(1024, torch.float32, pinned=True)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from tunelite.errors import ConfigError
+from tunelite.errors import ConfigError, ResourceError
 from tunelite.runtime import host
 
 ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -384,8 +384,8 @@ class OverlappedCPUAdamW:
             for name, mine in (("master_weight", slot.master), ("exp_avg", slot.exp_avg),
                                ("exp_avg_sq", slot.exp_avg_sq)):
                 mine.copy_(saved[name].reshape(-1))
-            with torch.no_grad():
-                slot.param.copy_(slot.master.view(slot.param.shape))
+            self._send(slot)  # through the device's fp32 chunk: a resume takes no more GPU memory than a step
+        self._wait_for(self._slots)
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
 
@@ -666,5 +666,10 @@ def _host_buffer(numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     17 GiB buffer would take 32). The optimizer's worker unpins it when it stops."""
     buffer = torch.empty(numel, dtype=dtype)
     if pinned:
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), numel * dtype.itemsize, 0))
+        try:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), numel * dtype.itemsize, 0))
+        except torch.cuda.CudaError as error:
+            raise ResourceError(f"the overlapped CPU AdamW could not pin {numel * dtype.itemsize / GIB:.1f} GiB of host "
+                                f"memory ({error}). Free host memory, or raise the locked-memory limit (ulimit -l) "
+                                "where one is set") from None
     return buffer

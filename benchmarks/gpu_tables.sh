@@ -44,6 +44,7 @@
 #   bash benchmarks/gpu_tables.sh 25  # the 16 x 2048 step over 8 timed steps, then a profiled 2 x 2048 x 8 step |
 #                                     # a profiled compiled LoRA step at 2 x 2048 (issue 17)
 #   bash benchmarks/gpu_tables.sh 26  # compiled LoRA at 2 x 2048 with and without expandable segments
+#   bash benchmarks/gpu_tables.sh 27  # next (issue 21): the 2 x 2048 x 8 step with larger staging rings | torchtune full
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -546,6 +547,25 @@ case $CALL in
         PYTORCH_CUDA_ALLOC_CONF=$conf row "lora-default alloc=$conf" 70 $BENCH lora_finetune_single_device \
             llama3_1/8B_lora_single_device $CK compile=True --steps 8 --warmup 3
     done > "$OUT/lora.log" 2>&1
+    ;;
+27)
+    # The 2 x 2048 x 8 full fine-tune waited 1.3 s a step for room in its staging ring (call 25's
+    # profile): the config's ring (twice the largest gradient, 1.96 GiB), 4 and 8 GiB, under a 22 GiB cap.
+    # GPU 1: torchtune's full recipe beside
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+    CUDA_VISIBLE_DEVICES=1 SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full \
+        > "$OUT/gpu1.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        for ring in "" +optimizer.staging_gib=4 +optimizer.staging_gib=8; do
+            row "full-2x8 $ring" 130 $BENCH full_finetune_single_device llama3_1/8B_full_single_device $CK --batch 2 \
+                --accumulation 8 --steps 5 --warmup 2 --cap-gib 22 $ring
+        done
+    ) > "$OUT/gpu0.log" 2>&1 &
+    wait
+    cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -18,7 +18,7 @@ from conftest import TINY, random_model
 
 from tunelite.checkpointing.hf import hf_config_from_model_args, load_hf_state_dict
 from tunelite.cli.main import main
-from tunelite.errors import ResourceError
+from tunelite.errors import ConfigError, ResourceError
 from tunelite.models.llama3_1 import LLAMA3_1_8B
 from tunelite.modules.loss import LinearCrossEntropyLoss
 from tunelite.runtime import host
@@ -97,6 +97,24 @@ def test_trains_as_torch_adamw_with_accumulation_clipping_and_a_schedule(accumul
     if clip is None:  # the same kernel on the same accumulated gradients: the same bits
         assert max_difference(model, fused) == 0
     optimizer.close()
+
+
+def test_a_larger_staging_ring_changes_when_gradients_wait_not_the_weights():
+    steps = micro_batches(3, 3)
+    model = random_model()
+    larger = copy.deepcopy(model)
+    numels = [p.numel() for p in model.parameters()]
+    trained = []
+    for m, staging_gib in ((model, None), (larger, sum(numels) * 4 / 2**30)):  # room for every fp32 gradient
+        optimizer = overlapped_cpu_adamw(m.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000,
+                                         staging_gib=staging_gib)
+        trained.append(optimizer._ring.buffer.numel())
+        train_overlapped(m, optimizer, cosine_schedule_with_warmup(optimizer, 2, len(steps)), steps, 0.05)
+        optimizer.close()
+    assert trained == [2 * max(numels), sum(numels)]
+    assert max_difference(model, larger) == 0
+    with pytest.raises(ConfigError, match="optimizer.staging_gib: 0 is not a size"):
+        overlapped_cpu_adamw(random_model().parameters(), staging_gib=0)
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host adds", "device adds"])
@@ -276,6 +294,9 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
     assert sum(on_device.values()) == 14 * 6144 + 4 * 256
     assert device_memory(torch.bfloat16, 256, accumulate_on_device=True) == (2 * 2 + 4) * 256 + 4 * 256
     assert device_memory(torch.bfloat16, 256) == 4 * 256
+    # a larger staging ring where asked; never less than twice the largest gradient
+    assert host_memory(numels, torch.bfloat16, staging_gib=1.0)["gradient staging ring (pinned)"] == 2**30
+    assert host_memory(numels, torch.bfloat16, staging_gib=1e-9)["gradient staging ring (pinned)"] == 2 * 4096 * 2
 
 
 def test_a_machine_without_that_much_free_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):

@@ -708,7 +708,9 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         accumulation = ACCUMULATION_DTYPES.get(str(cfg.optimizer.get("accumulation_dtype", "fp32")), torch.float32)
         chunk = int(cfg.optimizer.get("chunk_size", CHUNK_SIZE))
         on_device = bool(cfg.optimizer.get("accumulate_on_device"))
-        host = host_memory([params[n].numel() for n in trained], dtype, accumulation, chunk, on_device)
+        staging = cfg.optimizer.get("staging_gib")
+        host = host_memory([params[n].numel() for n in trained], dtype, accumulation, chunk, on_device,
+                           None if staging is None else float(staging))
         state += device_memory(accumulation, chunk, on_device)  # its chunks of accumulator on the device
         notes += (f"host memory for the optimizer: {gib(sum(host.values()))} ("
                   + ", ".join(f"{name} {gib(size)}" for name, size in host.items()) + ")",)

@@ -67,7 +67,7 @@ EventCallback = Callable[[str, int], None]
 def overlapped_cpu_adamw(
     params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     weight_decay: float = 1e-2, accumulation_dtype: str = "fp32", chunk_size: int = CHUNK_SIZE,
-    accumulate_on_device: bool = False,
+    accumulate_on_device: bool = False, staging_gib: float | None = None,
 ) -> "OverlappedCPUAdamW":
     """The optimizer a config names (`accumulation_dtype` as a string, so YAML can say it).
 
@@ -77,16 +77,22 @@ def overlapped_cpu_adamw(
     `accumulate_on_device`: micro-batches after the first are added on the device (see the
     module's docstring), for hosts whose memory bandwidth a micro-batch waits on. On the one H200
     host measured it was no faster (8B, 2 x 2048 x 8: 4,034 tokens/s against 4,125; the update
-    slowed beside its copies), so it is off by default."""
+    slowed beside its copies), so it is off by default. `staging_gib`: the pinned ring gradients
+    land in before the host adds them (default: twice the largest gradient). Backward waits while
+    it is full (1.3 s of a 7.5 s step at 2 x 2048 x 8 on that host); a larger ring absorbs a
+    micro-batch's burst, and lets up to its size of gradients wait on the GPU for the bus."""
     if accumulation_dtype not in ACCUMULATION_DTYPES:
         raise ConfigError(f"optimizer.accumulation_dtype: {accumulation_dtype!r} is not one of "
                           f"{sorted(ACCUMULATION_DTYPES)}")
+    if staging_gib is not None and staging_gib <= 0:
+        raise ConfigError(f"optimizer.staging_gib: {staging_gib} is not a size; give GiB above 0, or leave it out")
     return OverlappedCPUAdamW(params, lr, betas, eps, weight_decay, ACCUMULATION_DTYPES[accumulation_dtype], chunk_size,
-                              accumulate_on_device=accumulate_on_device)
+                              accumulate_on_device=accumulate_on_device, staging_gib=staging_gib)
 
 
 def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype: torch.dtype = torch.float32,
-                chunk_size: int = CHUNK_SIZE, accumulate_on_device: bool = False) -> dict[str, int]:
+                chunk_size: int = CHUNK_SIZE, accumulate_on_device: bool = False,
+                staging_gib: float | None = None) -> dict[str, int]:
     """Host bytes the optimizer takes for parameters of these sizes, by what holds them: what
     `tunelite estimate` reports and what the optimizer checks against the machine's free memory.
     Per parameter: 8 bytes pageable (the two moments) and, pinned, the fp32 master weights (the
@@ -96,7 +102,7 @@ def host_memory(numels: list[int], weight_dtype: torch.dtype, accumulation_dtype
         "fp32 master weights (pinned)": sum(_aligned(4 * n) for n in numels),
         "AdamW moments (fp32)": 8 * sum(numels),
         "gradient accumulator (pinned)": sum(_aligned(n * accumulation_dtype.itemsize) for n in numels),
-        "gradient staging ring (pinned)": _staging_numel(numels) * weight_dtype.itemsize,
+        "gradient staging ring (pinned)": _staging_numel(numels, weight_dtype, staging_gib) * weight_dtype.itemsize,
         "scratch": 4 * chunk_size,
     }
     if accumulate_on_device:
@@ -219,7 +225,7 @@ class OverlappedCPUAdamW:
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 1e-2, accumulation_dtype: torch.dtype = torch.float32, chunk_size: int = CHUNK_SIZE,
-        on_event: EventCallback | None = None, accumulate_on_device: bool = False,
+        on_event: EventCallback | None = None, accumulate_on_device: bool = False, staging_gib: float | None = None,
     ) -> None:
         self.param_groups = _param_groups(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                                    "weight_decay": weight_decay})
@@ -236,7 +242,7 @@ class OverlappedCPUAdamW:
             raise ValueError(f"accumulating {weight_dtype} gradients in {accumulation_dtype} would round them; "
                              "accumulate in fp32")
         numels = [p.numel() for p, _ in pairs]
-        needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size, accumulate_on_device)
+        needed = host_memory(numels, weight_dtype, accumulation_dtype, chunk_size, accumulate_on_device, staging_gib)
         check_host_memory(needed)
 
         self.on_event = on_event
@@ -246,7 +252,7 @@ class OverlappedCPUAdamW:
         masters = _host_buffer(needed["fp32 master weights (pinned)"] // 4, torch.float32, cuda)
         self._staging = torch.empty(chunk_size, dtype=torch.float32, device=self.device) if cuda else None
         self._ring = None if accumulate_on_device else _StagingRing(
-            _host_buffer(_staging_numel(numels), weight_dtype, cuda))
+            _host_buffer(_staging_numel(numels, weight_dtype, staging_gib), weight_dtype, cuda))
         # accumulate_on_device: two chunks of accumulator on the device, one streamed in while the
         # other goes back out, each free again once its copy out has run (`_chunk_free`).
         self._device_chunks = ([torch.empty(chunk_size, dtype=accumulation_dtype, device=self.device)
@@ -651,9 +657,10 @@ def _param_groups(params: Iterable[Any], defaults: dict[str, Any]) -> list[dict[
     return groups
 
 
-def _staging_numel(numels: list[int]) -> int:
-    """Room for the largest gradient twice over: one lands while the worker adds the one before."""
-    return 2 * max(numels)
+def _staging_numel(numels: list[int], dtype: torch.dtype, gib: float | None) -> int:
+    """Room for the largest gradient twice over at least (one lands while the worker adds the one
+    before), or `gib` of them where that is more."""
+    return max(2 * max(numels), int((gib or 0) * GIB) // dtype.itemsize)
 
 
 def _aligned(size: int) -> int:

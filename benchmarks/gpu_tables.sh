@@ -100,6 +100,18 @@ long_rows_beside_unsloth() {
         $CK --rows qlora:32768,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
 }
 
+# ckpt, with 150 GiB of host memory touched first, which pushes the page cache out so that the full
+# fine-tune's pinned buffers (~120 GiB) come at once
+ckpt_and_host_room() {
+    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
+    ckpt
+    wait
+}
+# torchtune's full recipe at 2 x 2048 (AdamW8bit on the GPU), six steps
+torchtune_full() {
+    SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+}
+
 ckpt() {
     if [ ! -f $CK/model.safetensors.index.json ]; then
         python3 .bench/make_random_ckpt.py $CK --size 8b 2>&1 | tail -1
@@ -453,12 +465,10 @@ case $CALL in
     # GPU 1: the pinned copies' rate; the full fine-tune's 32k-token step as one batch of 16 x 2048 under
     # memory_budget_gib: 22 (layer inputs offloaded, the gradients copied straight into the host
     # accumulators); then ours compiled at the configs' defaults (issue 17 at the peers' memory)
-    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    wait
+    ckpt_and_host_room
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        torchtune_full
         SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
     ) > "$OUT/gpu0.log" 2>&1 &
@@ -478,9 +488,7 @@ case $CALL in
     # One GPU, nothing beside it (the host's memory bandwidth is what is measured): the CPU update's
     # kernels on 2^28 values; then the full fine-tune's 16 x 2048 step capped at 22 GiB, the gradients
     # sent in bf16 (converted on the host in the update) and in fp32 (converted on the device)
-    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    wait
+    ckpt_and_host_room
     timeout 90 python3 benchmarks/full_finetune_bench.py --cpu-kernels --numel 268435456 --reps 2 > "$OUT/cpu.log" 2>&1
     export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     for dtype in bf16 fp32; do
@@ -494,12 +502,10 @@ case $CALL in
     # The update no longer rounds the weights to bf16 on the host: the fp32 master weights go to the GPU.
     # GPU 0: the check against torch's AdamW, then the full fine-tune's 32k-token step as 16 x 2048 under
     # a 22 GiB cap and as 2 x 2048 x 8 (the config). GPU 1: torchtune's full recipe (its optimizer on the GPU)
-    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    wait
+    ckpt_and_host_room
     (
         export CUDA_VISIBLE_DEVICES=1
-        SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+        torchtune_full
         cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
     ) > "$OUT/gpu1.log" 2>&1 &
     (
@@ -517,9 +523,7 @@ case $CALL in
 25)
     # GPU 0: the 16 x 2048 step again over more steps; then where a 2 x 2048 x 8 step's time goes (one
     # profiled step). GPU 1: where a compiled LoRA step at 2 x 2048 goes (the config's default policy)
-    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    wait
+    ckpt_and_host_room
     PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True"
     (
         export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -552,11 +556,8 @@ case $CALL in
     # The 2 x 2048 x 8 full fine-tune waited 1.3 s a step for room in its staging ring (call 25's
     # profile): the config's ring (twice the largest gradient, 1.96 GiB), 4 and 8 GiB, under a 22 GiB cap.
     # GPU 1: torchtune's full recipe beside
-    python3 -c "import torch; x = torch.ones(150 * 2**30, dtype=torch.uint8)" &
-    ckpt
-    wait
-    CUDA_VISIBLE_DEVICES=1 SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full \
-        > "$OUT/gpu1.log" 2>&1 &
+    ckpt_and_host_room
+    CUDA_VISIBLE_DEVICES=1 torchtune_full > "$OUT/gpu1.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
         for ring in "" +optimizer.staging_gib=4 +optimizer.staging_gib=8; do

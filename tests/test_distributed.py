@@ -5,6 +5,7 @@ with fsdp_shard_frozen_weights: False, keeps the frozen base whole on every proc
 and saves to the bits of the sharded run. A second run into a used output folder is refused by
 every rank; a resumed full fine-tune applies a changed optimizer setting."""
 
+import gc
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from tunelite.checkpointing.state import Progress, load_training_state, save_checkpoint
 from tunelite.cli.main import main
 from tunelite.config import instantiate, load_recipe_config
+from tunelite.distributed.process import process_group
 from tunelite.distributed.sharding import (
     ShardedStateOptimizer,
     gather_full_state_dict,
@@ -339,6 +342,27 @@ def one_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def test_a_recipes_sharded_model_is_freed_before_its_process_group_is_destroyed(monkeypatch):
+    """FSDP2's modules hold the group through their mesh, in reference cycles: left to the
+    interpreter's exit, their gloo threads abort the process (a rank's SIGABRT after training)."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    alive_at_destroy = []
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: alive_at_destroy.append(model() is not None) or destroy())
+    gc.disable()  # only the context's own collection may free the cycle
+    try:
+        with process_group(torch.device("cpu")):
+            sharded = fully_shard(nn.Sequential(nn.Linear(8, 8)))
+            sharded.cycle = [sharded]
+            model = weakref.ref(sharded)
+            del sharded
+    finally:
+        gc.enable()
+    assert alive_at_destroy == [False]
 
 
 def test_a_resumed_full_fine_tune_gets_its_moments_from_the_shards_and_a_changed_setting_from_the_config(

@@ -5,6 +5,7 @@ tunelite.runtime.ranks.
 """
 
 import contextlib
+import gc
 import os
 from typing import Iterator
 
@@ -44,4 +45,7 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, int, int
         # still finishes (rank 0 writing the last checkpoint) can abort that rank's gloo threads.
         dist.barrier()
     finally:
+        # FSDP2's modules hold the group through their device mesh, in reference cycles that only the
+        # collector frees: freed at interpreter exit instead, gloo's threads abort the process.
+        gc.collect()
         dist.destroy_process_group()

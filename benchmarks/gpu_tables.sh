@@ -45,6 +45,8 @@
 #                                     # a profiled compiled LoRA step at 2 x 2048 (issue 17)
 #   bash benchmarks/gpu_tables.sh 26  # compiled LoRA at 2 x 2048 with and without expandable segments
 #   bash benchmarks/gpu_tables.sh 27  # next (issue 21): the 2 x 2048 x 8 step with larger staging rings | torchtune full
+#   bash benchmarks/gpu_tables.sh 28  # next (issue 17): torchtune compiled LoRA/QLoRA | ours at the defaults, the
+#                                     # down projection outside / inside a recomputed layer's graph
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -567,6 +569,27 @@ case $CALL in
     ) > "$OUT/gpu0.log" 2>&1 &
     wait
     cp /tmp/tt_full/logs/*.txt "$OUT/" 2>/dev/null
+    ;;
+28)
+    # Call 25: the GPU idle ~13% of a compiled LoRA step, much of it while the host is in a compiled
+    # layer. A recomputed compiled layer runs as two graphs with the down projection eager between
+    # them; --down-in-graph makes it one graph again (the down projection recomputed with it).
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        for kind in lora qlora; do
+            for flag in "" --down-in-graph; do
+                row "$kind-default $flag" 90 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK \
+                    compile=True --steps 10 --warmup 4 $flag
+            done
+        done
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

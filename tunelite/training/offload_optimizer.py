@@ -252,7 +252,7 @@ class OverlappedCPUAdamW:
         masters = _host_buffer(needed["fp32 master weights (pinned)"] // 4, torch.float32, cuda)
         self._staging = torch.empty(chunk_size, dtype=torch.float32, device=self.device) if cuda else None
         self._ring = None if accumulate_on_device else _StagingRing(
-            _host_buffer(_staging_numel(numels, weight_dtype, staging_gib), weight_dtype, cuda))
+            _host_buffer(needed["gradient staging ring (pinned)"] // weight_dtype.itemsize, weight_dtype, cuda))
         # accumulate_on_device: two chunks of accumulator on the device, one streamed in while the
         # other goes back out, each free again once its copy out has run (`_chunk_free`).
         self._device_chunks = ([torch.empty(chunk_size, dtype=accumulation_dtype, device=self.device)

@@ -59,7 +59,7 @@ from tunelite.config import instantiate, load_recipe_config  # noqa: E402
 from tunelite.modules.lora import set_trainable_params  # noqa: E402
 from tunelite.modules.memory_policy import set_memory_policy  # noqa: E402
 from tunelite.recipe_registry import get_recipe, read_declarations  # noqa: E402
-from tunelite.runtime.device import get_device, get_dtype  # noqa: E402
+from tunelite.runtime.device import cap_memory, get_device, get_dtype  # noqa: E402
 from tunelite.training.compile import compile_layers  # noqa: E402
 from tunelite.training.memory_estimate import GIB, memory_facts, memory_model  # noqa: E402
 from tunelite.training.memory_policy import plan_memory  # noqa: E402
@@ -250,9 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     begun = time.perf_counter()
     device = get_device(a.device)
-    if device.type == "cuda" and a.cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(a.cap_gib * GIB / total)
+    if a.cap_gib:
+        cap_memory(device, a.cap_gib)
     print(f"device={device} cap_gib={a.cap_gib} PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']} "
           f"torch={torch.__version__}", flush=True)
     rows = parse_rows(a.rows, a.batch_seq, a.compile)

@@ -38,6 +38,7 @@ from tunelite.checkpointing.hf import model_args_from_hf_config, read_hf_config
 from tunelite.checkpointing import state
 from tunelite.config import load_config, validate_config
 from tunelite.recipe_registry import read_declarations
+from tunelite.runtime.device import cap_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,9 +62,7 @@ def main() -> None:
         layers = importlib.import_module("tunelite.models.decoder")  # the module; the package exports a function so named
         layers._down_eagerly = layers._down
     if a.cap_gib and torch.cuda.is_available():
-        gpu = int(os.environ.get("LOCAL_RANK", 0))  # the GPU a distributed recipe's rank takes
-        torch.cuda.set_per_process_memory_fraction(a.cap_gib * 2**30 / torch.cuda.get_device_properties(gpu).total_memory,
-                                                   gpu)
+        cap_memory(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), a.cap_gib)  # this rank's GPU
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # the processes torchrun started, 1 without it
     out = Path(tempfile.mkdtemp(prefix="tunelite-bench-"))

@@ -51,3 +51,12 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start measuring peaks from here: training's peak, not loading's."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def cap_memory(device: torch.device, gib: float) -> None:
+    """Caps the CUDA caching allocator's reserved memory on `device` at `gib`, as a card of that
+    size would hold it (the allocator frees its cache and retries before it goes past the cap):
+    how the benchmarks measure a 24 GB card on a larger one. Nothing off CUDA."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)

@@ -105,7 +105,8 @@ def test_a_larger_staging_ring_changes_when_gradients_wait_not_the_weights():
     larger = copy.deepcopy(model)
     numels = [p.numel() for p in model.parameters()]
     trained = []
-    for m, staging_gib in ((model, None), (larger, sum(numels) * 4 / 2**30)):  # room for every fp32 gradient
+    # twice the largest gradient (the least it takes), then room for every fp32 gradient
+    for m, staging_gib in ((model, 1e-9), (larger, sum(numels) * 4 / 2**30)):
         optimizer = overlapped_cpu_adamw(m.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, chunk_size=1000,
                                          staging_gib=staging_gib)
         trained.append(optimizer._ring.buffer.numel())
@@ -285,7 +286,7 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
     numels = [1024, 4096, 1024]
     fp32 = host_memory(numels, torch.bfloat16, torch.float32, chunk_size=256)
     bf16 = host_memory(numels, torch.bfloat16, torch.bfloat16, chunk_size=256)
-    fixed = 2 * 4096 * 2 + 4 * 256  # staging ring (twice the largest gradient, bf16) and scratch
+    fixed = 2 * 4096 * 2 + 4 * 256  # staging ring (every gradient, but at least twice the largest, bf16) and scratch
     assert sum(fp32.values()) == 16 * 6144 + fixed
     assert sum(bf16.values()) == 14 * 6144 + fixed
     # the device adding into the accumulators needs no staging ring, and holds three chunks more
@@ -294,7 +295,9 @@ def test_host_memory_is_16_bytes_a_parameter_in_fp32_and_14_in_bf16():
     assert sum(on_device.values()) == 14 * 6144 + 4 * 256
     assert device_memory(torch.bfloat16, 256, accumulate_on_device=True) == (2 * 2 + 4) * 256 + 4 * 256
     assert device_memory(torch.bfloat16, 256) == 4 * 256
-    # a larger staging ring where asked; never less than twice the largest gradient
+    # a larger staging ring where asked; never less than twice the largest gradient; 4 GiB by default
+    assert host_memory([2**31, 2**30], torch.bfloat16)["gradient staging ring (pinned)"] == 2 * 2**31 * 2
+    assert host_memory([2**28] * 32, torch.bfloat16)["gradient staging ring (pinned)"] == 4 * 2**30
     assert host_memory(numels, torch.bfloat16, staging_gib=1.0)["gradient staging ring (pinned)"] == 2**30
     assert host_memory(numels, torch.bfloat16, staging_gib=1e-9)["gradient staging ring (pinned)"] == 2 * 4096 * 2
 
@@ -386,7 +389,7 @@ def test_estimate_states_the_host_memory_it_takes(tmp_path, capsys):
     out = capsys.readouterr().out
     # on the GPU: the fp32 chunk the updated weights pass through (4 x 4M)
     assert "optimizer state          0.02 GiB   AdamW in host memory (overlapped_cpu_adamw)" in out
-    assert "host memory for the optimizer: 106.68 GiB" in out  # the config accumulates in bf16
+    assert "host memory for the optimizer: 108.72 GiB" in out  # the config accumulates in bf16
     assert "fp32 master weights (pinned) 29.92 GiB" in out
     assert "gradient accumulator (pinned) 14.96 GiB" in out
     # the device adding: its three chunks on the GPU, no staging ring on the host

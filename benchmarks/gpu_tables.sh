@@ -45,8 +45,8 @@
 #                                     # a profiled compiled LoRA step at 2 x 2048 (issue 17)
 #   bash benchmarks/gpu_tables.sh 26  # compiled LoRA at 2 x 2048 with and without expandable segments
 #   bash benchmarks/gpu_tables.sh 27  # next (issue 21): the 2 x 2048 x 8 step with larger staging rings | torchtune full
-#   bash benchmarks/gpu_tables.sh 28  # next (issue 17): torchtune compiled LoRA/QLoRA | ours at the defaults, the
-#                                     # down projection outside / inside a recomputed layer's graph
+#   bash benchmarks/gpu_tables.sh 28  # issue 17: torchtune compiled LoRA/QLoRA | ours at the defaults, the down
+#                                     # projection outside / inside a recomputed layer's graph; a profiled step of each
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -574,11 +574,22 @@ case $CALL in
     # Call 25: the GPU idle ~13% of a compiled LoRA step, much of it while the host is in a compiled
     # layer. A recomputed compiled layer runs as two graphs with the down projection eager between
     # them; --down-in-graph makes it one graph again (the down projection recomputed with it).
+    # Then each GPU profiles one compiled LoRA step (one variant each), its trace kept for reading.
     ckpt
+    PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"
+    profiled_lora() {  # profiled_lora NAME [FLAGS]: one profiled step, its summary and its gzipped trace into $OUT
+        local name=$1; shift
+        row "lora-profile-$name" 80 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
+            --steps 7 --warmup 3 "$PROFILE, output_dir: /tmp/p-$name}" "$@"
+        local trace; trace=$(ls /tmp/p-$name/trace_step*.json | head -1)
+        python3 benchmarks/trace_summary.py "$trace" 2>&1 | head -40 > "$OUT/profile-$name.log"
+        gzip -c "$trace" > "$OUT/trace-$name.json.gz"
+    }
     (
         export CUDA_VISIBLE_DEVICES=0
         SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        profiled_lora down-in-graph --down-in-graph
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
@@ -588,8 +599,10 @@ case $CALL in
                     compile=True --steps 10 --warmup 4 $flag
             done
         done
+        profiled_lora default
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    cat "$OUT"/profile-*.log
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -47,6 +47,8 @@
 #   bash benchmarks/gpu_tables.sh 27  # next (issue 21): the 2 x 2048 x 8 step with larger staging rings | torchtune full
 #   bash benchmarks/gpu_tables.sh 28  # issue 17: torchtune compiled LoRA/QLoRA | ours at the defaults, the down
 #                                     # projection outside / inside a recomputed layer's graph; a profiled step of each
+#   bash benchmarks/gpu_tables.sh 29  # next (issue 17): torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget, a
+#                                     # profile | ours with the checkpoint inside the layer's graph against around it
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -603,6 +605,31 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     cat "$OUT"/profile-*.log
+    ;;
+29)
+    # A recomputed compiled layer with its checkpoint inside its graph (the tree as it is) against the
+    # checkpoint around it (8a349b3, exported to .bench/old), one after the other on GPU 1. GPU 0:
+    # torchtune compiled LoRA/QLoRA, then ours under a 22 GiB budget (issue 16's rows), then a profile.
+    ckpt_and_host_room
+    OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        budget_rows_beside_torchtune
+        PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"
+        row lora-profile 80 $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True \
+            --steps 7 --warmup 3 "$PROFILE, output_dir: /tmp/p29}"
+        python3 benchmarks/trace_summary.py "$(ls /tmp/p29/trace_step*.json | head -1)" 2>&1 | head -40 > "$OUT/profile.log"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        for kind in lora qlora; do
+            row "$kind-default in-graph" 90 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK \
+                compile=True --steps 10 --warmup 4
+            row "$kind-default around (8a349b3)" 90 $OLD $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device \
+                $CK compile=True --steps 10 --warmup 4
+        done
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

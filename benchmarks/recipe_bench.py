@@ -5,16 +5,13 @@ sample exactly --seq tokens, no padding), so the same command measures every rec
 of ../shared/bench/ANCHORS.md. Checkpoint writing is skipped: it is not what is measured.
 
     python benchmarks/recipe_bench.py lora_finetune_single_device llama3_1/8B_lora_single_device CKPT_DIR \
-        [--batch 2] [--seq 2048] [--accumulation 1] [--steps 12] [--warmup 3] [--cap-gib 22] [--down-in-graph]
+        [--batch 2] [--seq 2048] [--accumulation 1] [--steps 12] [--warmup 3] [--cap-gib 22]
         [key=value overrides...]
 
 Prints `RESULT recipe=... tokens_per_s=... peak_alloc_gib=... peak_reserved_gib=... peak_host_rss_gib=...`,
 with tokens/s counted as batch x seq x accumulation per step over the steps after warm-up (as the
 anchors count). `--cap-gib` caps the CUDA caching allocator (reserved memory) as a smaller card
-would: the allocator frees its cache and retries before it goes past the cap. `--down-in-graph`
-keeps a recomputed compiled layer's down projection inside its graph (recomputed with it, one graph
-a layer) instead of running it eagerly between two graphs: an A/B of the graph break against the
-recomputation it saves.
+would: the allocator frees its cache and retries before it goes past the cap.
 
 Under torchrun it measures a distributed recipe: --batch is per GPU, tokens/s counts every GPU's
 tokens, the peaks are rank 0's (each GPU holds the same share), and rank 0 alone prints:
@@ -24,7 +21,6 @@ tokens, the peaks are rank 0's (each GPU holds the same share), and rank 0 alone
 """
 
 import argparse
-import importlib
 import json
 import os
 import runpy
@@ -54,13 +50,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cap-gib", type=float, help="cap the CUDA allocator's reserved memory at this many GiB")
-    ap.add_argument("--down-in-graph", action="store_true",
-                    help="a recomputed compiled layer's down projection stays in its graph")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args()
-    if a.down_in_graph:
-        layers = importlib.import_module("tunelite.models.decoder")  # the module; the package exports a function so named
-        layers._down_eagerly = layers._down
     if a.cap_gib and torch.cuda.is_available():
         cap_memory(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), a.cap_gib)  # this rank's GPU
 

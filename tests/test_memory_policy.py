@@ -199,6 +199,40 @@ def test_a_compiled_recomputed_layer_gives_the_kept_layers_gradients(mlp_chunk_t
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
+@pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_OFFLOAD_ATTENTION])
+def test_a_compiled_recomputed_layer_is_one_graph_whose_backward_recomputes_only_what_it_reads(policy, quantized):
+    # The checkpoint inside the layer's graph (call 28: around it, the layer took two graphs and the
+    # GPU waited on the host). The partitioner leaves out what backward does not read: the down
+    # projection's product, kept attention, and (NF4) a third dequantization of each weight.
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized)).train()
+    set_trainable_params(model)
+    set_memory_policy(model, (policy,) * TINY.num_layers, min_offload_bytes=0)
+    h = torch.randn(2, 33, TINY.embed_dim, requires_grad=True)
+    explained = torch._dynamo.explain(model.layers[0])(h, None, None, None)
+    assert (explained.graph_count, explained.break_reasons) == (1, [])
+    torch._dynamo.reset()
+    for layer in model.layers:
+        layer.compile(backend="aot_eager")
+    tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    model(tokens).float().pow(2).mean().backward()  # compiles
+    counted = {"down": down_projections, "attention": lambda func, args: func in ATTENTION_OPS,
+               "dequantized": lambda func, args: func is torch.ops.tunelite.dequantize_nf4.default}
+    runs = {}
+    for name, which in counted.items():
+        with Dispatched(which) as calls:
+            loss = model(tokens).float().pow(2).mean()
+            in_forward = calls.count
+            loss.backward()
+        runs[name] = (in_forward, calls.count - in_forward)
+    weights = 7 * TINY.num_layers if quantized else 0  # q, k, v, output, w1, w2, w3
+    assert runs == {"down": (TINY.num_layers, 2 * TINY.num_layers),  # backward: w1's and w3's input gradients
+                    "attention": (TINY.num_layers, 0 if keeps_attention(policy) else TINY.num_layers),
+                    "dequantized": (weights, weights)}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16 base", "NF4 base"])
 @pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION])
 def test_a_layer_that_keeps_its_attention_output_does_not_run_attention_again(policy, quantized):
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ hd head_dim, rd rotated dims.
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -382,35 +381,29 @@ class FeedForward(nn.Module):
             self.w3 = linear(d, inter, "w3", bias)
         self.activation = args.activation
 
-    def forward(self, x: torch.Tensor, eager_down: bool = False) -> torch.Tensor:
-        """`eager_down`: the down projection outside a compiled graph (see _down_eagerly)."""
-        down = _down_eagerly if eager_down else _down
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.w13(x).chunk(2, dim=-1)
         elif self.gated:
             gate, up = self.w1(x), self.w3(x)
         else:
-            return down(self.w2, ACTIVATIONS[self.activation](self.w1(x)))
+            return _down(self.w2, ACTIVATIONS[self.activation](self.w1(x)))
         # Kept for backward: gate and up, not act(gate) nor the product (see gated_mlp).
-        return down(self.w2, gated_product(gate, up, self.activation), gate, up, self.activation)
+        return _down(self.w2, gated_product(gate, up, self.activation), gate, up, self.activation)
 
 
 def _down(w2: nn.Module, product: torch.Tensor, gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
           activation: str = "") -> torch.Tensor:
     """The down projection, last in the layer, its frozen base weight's matmul last in it: what its
     backward needs is saved before that matmul runs (a bf16 or NF4 base: a plain linear saves its
-    weight first), so a checkpoint's recomputation, which stops once every tensor the forward saved
-    is saved again, never runs it (1/3 of the MLP's, 1/4 of a Llama layer's matmul work,
-    recomputed for nothing). An FP8 base's autograd Function saves after its matmul: it still runs."""
+    weight first), so an eager checkpoint's recomputation, which stops once every tensor the forward
+    saved is saved again, never runs it (1/3 of the MLP's, 1/4 of a Llama layer's matmul work,
+    recomputed for nothing). An FP8 base's autograd Function saves after its matmul: it still runs.
+    In a compiled layer the partitioner leaves it out of the recomputation (TransformerLayer.forward)."""
     if gate is not None and isinstance(w2, LoRALinear):
         return w2.forward_gated(product, gate, up, activation)
     return w2(product)
 
-
-# A compiled layer saves what its graph saves only once the whole graph has run, so a layer under an
-# eager checkpoint (TransformerLayer.recomputed) runs the down projection outside it, eagerly, where
-# the early stop above applies.
-_down_eagerly = torch.compiler.disable(_down)
 
 # A compiled layer runs its MLP's chunks outside its graph, each an eager checkpoint, whose memory
 # the estimate counts (measured at 48k-128k). Inside the graph the chunks' checkpoints held more: a
@@ -429,7 +422,7 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = build_norm(args, args.embed_dim) if args.post_norms else nn.Identity()
 
         self.mlp_chunk_tokens: int | None = None  # set_memory_policy: longer batches run the MLP in chunks
-        self.recomputed = False  # set_memory_policy: under activation checkpointing
+        self.checkpoint: Callable[..., torch.Tensor] | None = None  # set_memory_policy: activation checkpointing
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -438,18 +431,35 @@ class TransformerLayer(nn.Module):
     ) -> torch.Tensor:
         """`windowed_mask` is `mask` narrowed to the sliding window, for a layer that has one.
         `attention`, `mlp`: which residual blocks to run, so a memory policy can checkpoint the
-        attention block alone (tunelite.modules.memory_policy)."""
+        attention block alone (tunelite.modules.memory_policy).
+
+        A layer under activation checkpointing whose MLP runs whole checkpoints itself, here, so that
+        a compiled layer holds the checkpoint inside its graph (torchtitan's order: the checkpoint,
+        then compile): one graph forward and one backward, whose partitioner recomputes only what
+        backward reads, never the down projection's product. Around a compiled layer the checkpoint
+        took two graphs and the down projection run eagerly between them, and the GPU waited on the
+        host (call 28). Where the MLP runs in chunks the memory policy checkpoints from outside."""
+        if self.checkpoint is not None and attention and mlp and not chunks_sequence(x, self.mlp_chunk_tokens):
+            return self.checkpoint(self.blocks, x, rope, mask, windowed_mask)
+        return self.blocks(x, rope, mask, windowed_mask, attention, mlp)
+
+    def blocks(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | DocumentMask | None, windowed_mask: torch.Tensor | DocumentMask | None,
+        attention: bool = True, mlp: bool = True,
+    ) -> torch.Tensor:
+        """The attention and MLP residual blocks (those asked for), with no checkpoint of their own."""
         h = x
         if attention:
             attn_mask = windowed_mask if self.attn.window is not None else mask
             h = h + self.sa_post_norm(self.attn(self.sa_norm(h), rope, attn_mask))
         if mlp:
             chunks = _chunks_eagerly if chunks_sequence(h, self.mlp_chunk_tokens) else in_sequence_chunks
-            h = h + chunks(partial(self.feed_forward, eager_down=self.recomputed), h, self.mlp_chunk_tokens)
+            h = h + chunks(self.feed_forward, h, self.mlp_chunk_tokens)
         return h
 
-    def feed_forward(self, h: torch.Tensor, eager_down: bool = False) -> torch.Tensor:
-        return self.mlp_post_norm(self.mlp(self.mlp_norm(h), eager_down))
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
 
 
 class TiedOutput:

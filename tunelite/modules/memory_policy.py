@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from tunelite.errors import ConfigError
 from tunelite.modules.nf4 import keep_dequantized_weights
@@ -84,7 +84,7 @@ class MemoryPolicy:
         if not torch.is_grad_enabled():
             return _plain(layers, h, *args)
         for layer, policy in zip(layers, self.layers):
-            run = partial(_recomputed, layer, keeps_attention(policy), self.by_block) if recomputes(policy) else layer
+            run = partial(_recomputed, layer, self.by_block) if recomputes(policy) else layer
             if offloads(policy):
                 with self.offloader.offloaded(layer, keep):
                     h = run(h, *args)
@@ -95,20 +95,20 @@ class MemoryPolicy:
         return h
 
 
-def _recomputed(layer: nn.Module, keep_attention: bool, by_block: bool, h: torch.Tensor,
-                *args: object) -> torch.Tensor:
-    """A layer under activation checkpointing. `by_block`, when its MLP runs in chunks (which
-    checkpoint themselves): the attention block alone is checkpointed and the MLP block runs after
-    it, keeping its input, one more residual-stream tensor. Recomputing the whole layer instead
-    runs every chunk but the last a third time, since the recomputation stops only once the last
-    chunk's input is saved again (3/4 of the MLP's forward at 32k tokens). Not for an FSDP2 unit:
-    called twice a forward, it would gather the unit's weights twice and reduce its gradients in
-    two parts (right on one process; not tried on several)."""
-    recompute = partial(checkpoint, layer, use_reentrant=False,
-                        context_fn=_attention_kept if keep_attention else noop_context_fn)
-    if not by_block or not chunks_sequence(h, layer.mlp_chunk_tokens) or isinstance(layer, FSDPModule):
-        return recompute(h, *args)
-    return layer(recompute(h, *args, mlp=False), *args, attention=False)
+def _recomputed(layer: nn.Module, by_block: bool, h: torch.Tensor, *args: object) -> torch.Tensor:
+    """A layer under activation checkpointing. Its MLP whole, the layer checkpoints itself
+    (`layer.checkpoint`, see TransformerLayer.forward). In chunks (which checkpoint themselves)
+    the checkpoint goes around the layer, and with `by_block` around its attention block alone,
+    the MLP block running after it, keeping its input, one more residual-stream tensor.
+    Recomputing the whole layer instead runs every chunk but the last a third time, since the
+    recomputation stops only once the last chunk's input is saved again (3/4 of the MLP's forward
+    at 32k tokens). Not for an FSDP2 unit: called twice a forward, it would gather the unit's
+    weights twice and reduce its gradients in two parts (right on one process; not tried on several)."""
+    if not chunks_sequence(h, layer.mlp_chunk_tokens):
+        return layer(h, *args)
+    if not by_block or isinstance(layer, FSDPModule):
+        return layer.checkpoint(layer, h, *args)
+    return layer(layer.checkpoint(layer, h, *args, mlp=False), *args, attention=False)
 
 
 def _attention_kept() -> tuple[object, object]:
@@ -145,9 +145,12 @@ def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_token
     model.memory_policy = MemoryPolicy(tuple(policies), offloader, by_block)
     for layer, policy in zip(layers, policies):
         layer.mlp_chunk_tokens = mlp_chunk_tokens
-        layer.recomputed = recomputes(policy)
+        # (context_fn only where it does something: the compiler traces no other than selective checkpointing's)
+        layer.checkpoint = (None if not recomputes(policy) else
+                            partial(checkpoint, use_reentrant=False, context_fn=_attention_kept)
+                            if keeps_attention(policy) else partial(checkpoint, use_reentrant=False))
         # A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward.
-        keep_dequantized_weights(layer, layer.recomputed)
+        keep_dequantized_weights(layer, recomputes(policy))
 
 
 def in_sequence_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -58,5 +58,7 @@ def cap_memory(device: torch.device, gib: float) -> None:
     size would hold it (the allocator frees its cache and retries before it goes past the cap):
     how the benchmarks measure a 24 GB card on a larger one. Nothing off CUDA."""
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current one (set_per_process_memory_fraction wants an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)

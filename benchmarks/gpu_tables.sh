@@ -49,6 +49,8 @@
 #                                     # projection outside / inside a recomputed layer's graph; a profiled step of each
 #   bash benchmarks/gpu_tables.sh 29  # next (issue 17): torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget, a
 #                                     # profile | ours with the checkpoint inside the layer's graph against around it
+#   bash benchmarks/gpu_tables.sh 30  # next: torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget | ours at the
+#                                     # defaults and under budgets whose predicted peak is below the peers'
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -627,6 +629,25 @@ case $CALL in
                 compile=True --steps 10 --warmup 4
             row "$kind-default around (8a349b3)" 90 $OLD $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device \
                 $CK compile=True --steps 10 --warmup 4
+        done
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+30)
+    # Call 29 again with the budget rows fixed (cap_memory), and ours at the peers' memory through a
+    # budget, the estimate counting what a recomputed compiled layer's backward graph holds.
+    ckpt_and_host_room
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        budget_rows_beside_torchtune
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        for variant in "lora" "lora +memory_budget_gib=17.9" "qlora" "qlora +memory_budget_gib=8.4" \
+                       "qlora +memory_budget_gib=8.2"; do
+            set -- $variant
+            row "$variant" 90 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
+                --steps 10 --warmup 4 ${2:-}
         done
     ) > "$OUT/gpu1.log" 2>&1 &
     wait

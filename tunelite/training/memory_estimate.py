@@ -58,6 +58,7 @@ from tunelite.modules.memory_policy import (
     RECOMPUTE_OFFLOAD,
     RECOMPUTE_OFFLOAD_ATTENTION,
     offloads,
+    recomputes,
     uniform_policies,
 )
 from tunelite.modules.offload import MIN_OFFLOAD_BYTES
@@ -280,17 +281,21 @@ def attention_scores_bytes(args: ModelArgs, dtype_bytes: int) -> float:
 
 
 def backward_extra_bytes_per_token(args: ModelArgs, dtype_bytes: int, compiled: bool = False,
-                                   trains_base: bool = False) -> float:
+                                   trains_base: bool = False, recomputed_adapters: bool = False) -> float:
     """Gradients alive beyond the MLP's saved activations, at the layer's peak, plus the residual
     stream's gradient and its copy into the MLP branch. Gated: the product's backward
     (`gated_mlp`) holds the product's gradient, act(w1 x) recomputed, and the gradients of w1 x
     and w3 x (inductor fuses them: one less), the product itself freed by then when it was kept.
-    Plain (GPT-2): the gradients of act(w1 x) and of w1 x at its activation's backward. A compiled
-    layer recomputed whole has its recomputation inside its backward graph: the same count."""
+    Plain (GPT-2): the gradients of act(w1 x) and of w1 x at its activation's backward.
+    `recomputed_adapters`: a compiled layer recomputed whole, with adapters on its MLP: the
+    recomputation is inside the backward graph, where inductor fuses each adapter's add into the
+    SwiGLU's backward, so w1 x, w3 x and the product's gradient are held as base and adapter parts
+    apart: four more (call 29, 8B at 2 x 2048: 17.39 GiB against 17.13 for the layer recomputed
+    around its graph, whose count was one more than here)."""
     if not args.gated_mlp:
         extra = 2
     else:
-        extra = 4 - compiled - trains_base
+        extra = 4 - compiled - trains_base + 4 * (compiled and recomputed_adapters)
     return (extra * args.intermediate_dim + 2 * args.embed_dim) * dtype_bytes
 
 
@@ -405,6 +410,7 @@ class MemoryModel:
     attention_saved: tuple[float, ...]  # saved_tensors_per_token
     mlp_saved: tuple[float, ...]
     mlp_backward_extra: float  # backward_extra_bytes_per_token
+    recomputed_mlp_backward_extra: float  # the same for a layer recomputed whole (recomputed_adapters)
     chunk_mlp_backward_extra: float  # the same for the MLP in chunks, which run eagerly
     attention_scores: float  # attention_scores_bytes: per token and key position
     attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
@@ -444,9 +450,12 @@ class MemoryModel:
             return max(piece * mlp_saved + mlp_extra + (2 * hidden if chunked else 0),
                        tokens * attention_backward_bytes_per_token(args, p))
 
-        # recomputed or not (a compiled layer's recomputation is in its backward graph); the MLP's
-        # chunks run eagerly, compiled or not
-        backward = in_backward(self.chunk_mlp_backward_extra if chunked else self.mlp_backward_extra)
+        # by whether the layer is recomputed; the MLP's chunks run eagerly, compiled or not
+        if chunked:
+            backward = dict.fromkeys((False, True), in_backward(self.chunk_mlp_backward_extra))
+        else:
+            backward = {False: in_backward(self.mlp_backward_extra),
+                        True: in_backward(self.recomputed_mlp_backward_extra)}
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
@@ -458,7 +467,7 @@ class MemoryModel:
         below, in_layer, previous, host = 0.0, 0.0, None, 0
         for policy in plan.layers:
             ahead = fetched[previous] if offloads(policy) and previous else 0
-            in_layer = max(in_layer, below + hidden + attention_saved + backward + ahead)
+            in_layer = max(in_layer, below + hidden + attention_saved + backward[recomputes(policy)] + ahead)
             below += resident[policy]
             if offloads(policy):
                 previous = policy
@@ -745,6 +754,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         persistent, resident_grads, layer_grads,
         args.vocab_size * args.embed_dim * p if output_trains else 0, tuple(attention_saved), tuple(mlp_saved),
         backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all),
+        backward_extra_bytes_per_token(args, p, compiled, recipe.trains_all,
+                                       recomputed_adapters=any(name.startswith("mlp.") for name in layer_adapters)),
         backward_extra_bytes_per_token(args, p, False, recipe.trains_all),
         attention_scores_bytes(args, p),
         args.num_heads * (args.resolved_head_dim * p + 4),

@@ -47,10 +47,11 @@
 #   bash benchmarks/gpu_tables.sh 27  # next (issue 21): the 2 x 2048 x 8 step with larger staging rings | torchtune full
 #   bash benchmarks/gpu_tables.sh 28  # issue 17: torchtune compiled LoRA/QLoRA | ours at the defaults, the down
 #                                     # projection outside / inside a recomputed layer's graph; a profiled step of each
-#   bash benchmarks/gpu_tables.sh 29  # next (issue 17): torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget, a
+#   bash benchmarks/gpu_tables.sh 29  # issue 17: torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget, a
 #                                     # profile | ours with the checkpoint inside the layer's graph against around it
-#   bash benchmarks/gpu_tables.sh 30  # next: torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget | ours at the
+#   bash benchmarks/gpu_tables.sh 30  # torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget | ours at the
 #                                     # defaults and under budgets whose predicted peak is below the peers'
+#   bash benchmarks/gpu_tables.sh 31  # next: profiles of LoRA under a 17.9 GiB budget | QLoRA at the default
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -651,6 +652,24 @@ case $CALL in
         done
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    ;;
+31)
+    # Where the time goes (for the next session): GPU 0, LoRA under the 17.9 GiB budget (3.5% slower
+    # than the default in call 30, predicted faster); GPU 1, QLoRA at the default.
+    ckpt
+    PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"
+    profiled() {  # profiled NAME KIND [FLAGS]: one profiled step, its summary and its gzipped trace into $OUT
+        local name=$1 kind=$2; shift 2
+        row "profile-$name" 100 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+            --steps 7 --warmup 3 "$PROFILE, output_dir: /tmp/p-$name}" "$@"
+        local trace; trace=$(ls /tmp/p-$name/trace_step*.json | head -1)
+        python3 benchmarks/trace_summary.py "$trace" 2>&1 | head -40 > "$OUT/profile-$name.log"
+        gzip -c "$trace" > "$OUT/trace-$name.json.gz"
+    }
+    CUDA_VISIBLE_DEVICES=0 profiled lora-budget lora +memory_budget_gib=17.9 > "$OUT/gpu0.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 profiled qlora qlora > "$OUT/gpu1.log" 2>&1 &
+    wait
+    cat "$OUT"/profile-*.log
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -579,6 +579,7 @@ case $CALL in
     # Call 25: the GPU idle ~13% of a compiled LoRA step, much of it while the host is in a compiled
     # layer. A recomputed compiled layer runs as two graphs with the down projection eager between
     # them; --down-in-graph makes it one graph again (the down projection recomputed with it).
+    # (Ran at 8a349b3; the flag went with the two-graph layer in 9033826.)
     # Then each GPU profiles one compiled LoRA step (one variant each), its trace kept for reading.
     ckpt
     PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"

@@ -328,9 +328,18 @@ def test_evaluation_runs_the_layers_plainly_under_any_policy():
     model = lora_model()
     set_memory_policy(model, (RECOMPUTE_OFFLOAD, OFFLOAD), min_offload_bytes=0)
     tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    checkpoints = []
+    for layer in model.layers:  # each recomputed layer checkpoints itself (TransformerLayer.forward)
+        if layer.checkpoint is not None:
+            layer.checkpoint = lambda *args, run=layer.checkpoint: checkpoints.append(1) or run(*args)
     with torch.no_grad():
         model(tokens)
-    assert model.memory_policy.offloader.peak_host_bytes == 0
+    model.eval()
+    with torch.enable_grad():
+        model(tokens)
+    assert model.memory_policy.offloader.peak_host_bytes == 0 and checkpoints == []
+    model.train()(tokens)
+    assert checkpoints == [1]
 
 
 # --- the plan a recipe applies ------------------------------------------------------------------

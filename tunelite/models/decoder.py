@@ -438,8 +438,10 @@ class TransformerLayer(nn.Module):
         then compile): one graph forward and one backward, whose partitioner recomputes only what
         backward reads, never the down projection's product. Around a compiled layer the checkpoint
         took two graphs and the down projection run eagerly between them, and the GPU waited on the
-        host (call 28). Where the MLP runs in chunks the memory policy checkpoints from outside."""
-        if self.checkpoint is not None and attention and mlp and not chunks_sequence(x, self.mlp_chunk_tokens):
+        host (call 28). Where the MLP runs in chunks the memory policy checkpoints from outside.
+        Evaluation and generation (no gradients, or the model in eval mode) run the blocks plainly."""
+        if (self.checkpoint is not None and self.training and torch.is_grad_enabled() and attention and mlp
+                and not chunks_sequence(x, self.mlp_chunk_tokens)):
             return self.checkpoint(self.blocks, x, rope, mask, windowed_mask)
         return self.blocks(x, rope, mask, windowed_mask, attention, mlp)
 

@@ -51,7 +51,8 @@
 #                                     # profile | ours with the checkpoint inside the layer's graph against around it
 #   bash benchmarks/gpu_tables.sh 30  # torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget | ours at the
 #                                     # defaults and under budgets whose predicted peak is below the peers'
-#   bash benchmarks/gpu_tables.sh 31  # next: profiles of LoRA under a 17.9 GiB budget | QLoRA at the default
+#   bash benchmarks/gpu_tables.sh 31  # profiles of LoRA under a 17.9 GiB budget | QLoRA at the default
+#   bash benchmarks/gpu_tables.sh 32  # next: torchtune compiled then ours at the defaults | ours then torchtune
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -671,6 +672,24 @@ case $CALL in
     CUDA_VISIBLE_DEVICES=1 profiled qlora qlora > "$OUT/gpu1.log" 2>&1 &
     wait
     cat "$OUT"/profile-*.log
+    ;;
+32)
+    # Calls 22-30 ran torchtune on GPU 0 and ours on GPU 1: the ratios carry the two GPUs' difference.
+    # Here each GPU runs both, in opposite orders, so each gives a ratio on one GPU.
+    ckpt
+    ours_defaults() {
+        for kind in lora qlora; do
+            row "$kind-default" 85 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+                --steps 10 --warmup 4
+        done
+    }
+    torchtune_compiled() {
+        SEQ=2048 STEPS=10 timeout 170 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        for f in /tmp/tt_*/logs/*.txt; do cp "$f" "$OUT/gpu$CUDA_VISIBLE_DEVICES-$(basename "$f")"; done
+    }
+    (export CUDA_VISIBLE_DEVICES=0; torchtune_compiled; ours_defaults) > "$OUT/gpu0.log" 2>&1 &
+    (export CUDA_VISIBLE_DEVICES=1; ours_defaults; torchtune_compiled) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -52,7 +52,7 @@
 #   bash benchmarks/gpu_tables.sh 30  # torchtune compiled LoRA/QLoRA, ours under a 22 GiB budget | ours at the
 #                                     # defaults and under budgets whose predicted peak is below the peers'
 #   bash benchmarks/gpu_tables.sh 31  # profiles of LoRA under a 17.9 GiB budget | QLoRA at the default
-#   bash benchmarks/gpu_tables.sh 32  # next: torchtune compiled then ours at the defaults | ours then torchtune
+#   bash benchmarks/gpu_tables.sh 32  # torchtune compiled then ours at the defaults | ours then torchtune
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -675,7 +675,8 @@ case $CALL in
     ;;
 32)
     # Calls 22-30 ran torchtune on GPU 0 and ours on GPU 1: the ratios carry the two GPUs' difference.
-    # Here each GPU runs both, in opposite orders, so each gives a ratio on one GPU.
+    # Here each GPU runs both, in opposite orders, so each gives a ratio on one GPU. (As run, GPU 1's
+    # torchtune LoRA replaced GPU 0's log in /tmp/tt_lora_compile before GPU 0 copied it.)
     ckpt
     ours_defaults() {
         for kind in lora qlora; do

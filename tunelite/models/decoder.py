@@ -437,7 +437,7 @@ class TransformerLayer(nn.Module):
         a compiled layer holds the checkpoint inside its graph (torchtitan's order: the checkpoint,
         then compile): one graph forward and one backward, whose partitioner recomputes only what
         backward reads, never the down projection's product. Around a compiled layer the checkpoint
-        took two graphs and the down projection run eagerly between them, and the GPU waited on the
+        took two graphs with the down projection run eagerly between them, and the GPU waited on the
         host (call 28). Where the MLP runs in chunks the memory policy checkpoints from outside.
         Evaluation and generation (no gradients, or the model in eval mode) run the blocks plainly."""
         if (self.checkpoint is not None and self.training and torch.is_grad_enabled() and attention and mlp

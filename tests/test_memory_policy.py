@@ -188,7 +188,7 @@ def test_a_compiled_layer_runs_its_mlp_chunks_outside_its_graph(mlp_chunk_tokens
 
 @pytest.mark.parametrize("mlp_chunk_tokens", [None, 16], ids=["whole MLP", "MLP in chunks"])
 def test_a_compiled_recomputed_layer_gives_the_kept_layers_gradients(mlp_chunk_tokens):
-    # Its down projection runs outside the graph, or (in chunks) its attention block is checkpointed alone.
+    # Its checkpoint inside its graph, or (in chunks) its attention block checkpointed alone around it.
     kept, model = gradients(lora_model(), (KEEP,) * TINY.num_layers), lora_model()
     torch._dynamo.reset()
     for layer in model.layers:

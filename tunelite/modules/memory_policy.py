@@ -111,6 +111,16 @@ def _recomputed(layer: nn.Module, by_block: bool, h: torch.Tensor, *args: object
     return layer(layer.checkpoint(layer, h, *args, mlp=False), *args, attention=False)
 
 
+def _layer_checkpoint(policy: str) -> Callable[..., torch.Tensor] | None:
+    """The checkpoint a layer under `policy` runs under (None: it keeps its activations). A
+    context_fn only where it does something: the compiler traces none but selective checkpointing's."""
+    if not recomputes(policy):
+        return None
+    if keeps_attention(policy):
+        return partial(checkpoint, use_reentrant=False, context_fn=_attention_kept)
+    return partial(checkpoint, use_reentrant=False)
+
+
 def _attention_kept() -> tuple[object, object]:
     """Selective checkpointing's contexts that save the attention kernels' outputs."""
     return create_selective_checkpoint_contexts(list(ATTENTION_OPS))
@@ -145,10 +155,7 @@ def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_token
     model.memory_policy = MemoryPolicy(tuple(policies), offloader, by_block)
     for layer, policy in zip(layers, policies):
         layer.mlp_chunk_tokens = mlp_chunk_tokens
-        # (context_fn only where it does something: the compiler traces no other than selective checkpointing's)
-        layer.checkpoint = (None if not recomputes(policy) else
-                            partial(checkpoint, use_reentrant=False, context_fn=_attention_kept)
-                            if keeps_attention(policy) else partial(checkpoint, use_reentrant=False))
+        layer.checkpoint = _layer_checkpoint(policy)
         # A recomputed layer's NF4 weights hand their recomputation's bf16 copy to backward.
         keep_dequantized_weights(layer, recomputes(policy))
 

@@ -710,7 +710,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         staging = cfg.optimizer.get("staging_gib")
         host = host_memory([params[n].numel() for n in trained], dtype, accumulation, chunk, on_device,
                            None if staging is None else float(staging))
-        state += device_memory(accumulation, chunk, on_device)  # its chunks of accumulator on the device
+        state += device_memory(accumulation, chunk, on_device)  # its fp32 chunk (and the accumulator's, on device)
         notes += (f"host memory for the optimizer: {gib(sum(host.values()))} ("
                   + ", ".join(f"{name} {gib(size)}" for name, size in host.items()) + ")",)
     persistent, sharding = {WEIGHTS: weights, ADAPTER: adapter, OPTIMIZER: state}, None

@@ -666,8 +666,10 @@ def _staging_numel(numels: list[int], dtype: torch.dtype, gib: float | None) -> 
     before), or `gib` of them where that is more. By default STAGING_GIB, or every gradient where
     they take less: a ring that holds a micro-batch's burst lets backward run on while the host
     catches up (call 27)."""
-    wanted = int(gib * GIB) // dtype.itemsize if gib is not None else min(int(STAGING_GIB * GIB) // dtype.itemsize,
-                                                                           sum(numels))
+    if gib is None:
+        wanted = min(int(STAGING_GIB * GIB) // dtype.itemsize, sum(numels))
+    else:
+        wanted = int(gib * GIB) // dtype.itemsize
     return max(2 * max(numels), wanted)
 
 

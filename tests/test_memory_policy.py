@@ -28,6 +28,7 @@ from tunelite.modules.memory_policy import (
     uniform_policies,
 )
 from tunelite.modules.nf4 import NF4Tensor
+from tunelite.modules import offload
 from tunelite.modules.offload import ActivationOffloader
 from tunelite.recipe_registry import get_recipe, read_declarations
 from tunelite.training.memory_estimate import GIB, MemoryPlan, memory_facts, memory_model, pinned_bytes
@@ -254,16 +255,24 @@ def test_weights_and_rotary_tables_stay_where_they_are(monkeypatch, quantized):
     model = lora_llama(TINY, LoRAArgs(("q_proj", "v_proj"), apply_lora_to_mlp=True, quantize_base=quantized)).train()
     set_memory_policy(model, (OFFLOAD, OFFLOAD), min_offload_bytes=0)
     moved, tables = [], []
-    offload, rope = ActivationOffloader._offload, model.rope.forward
+    move, rope, plain_tensors = ActivationOffloader._offload, model.rope.forward, offload._plain_tensors
     monkeypatch.setattr(ActivationOffloader, "_offload",
-                        lambda self, layer, t: moved.append(t.untyped_storage().data_ptr()) or offload(self, layer, t))
+                        lambda self, layer, t: moved.append(t.untyped_storage().data_ptr()) or move(self, layer, t))
     monkeypatch.setattr(model.rope, "forward", lambda *args: tables.extend(rope(*args)) or tuple(tables[-2:]))
-    model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
-    weights = [*model.parameters(), *model.buffers()]
-    if quantized:  # the NF4 linears save the codes and scales inside each weight
-        weights += [getattr(w, name) for w in weights if isinstance(w, NF4Tensor) for name in w.__tensor_flatten__()[0]]
-    kept = {t.untyped_storage().data_ptr() for t in [*weights, *tables] if not isinstance(t, NF4Tensor)}
-    assert moved and not set(moved) & kept
+    listed = []
+    monkeypatch.setattr(offload, "_plain_tensors", lambda module: listed.append(module) or plain_tensors(module))
+    for _ in range(2):
+        model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+        weights = [*model.parameters(), *model.buffers()]
+        if quantized:  # the NF4 linears save the codes and scales inside each weight
+            weights += [getattr(w, name) for w in weights if isinstance(w, NF4Tensor) for name in w.__tensor_flatten__()[0]]
+        kept = {t.untyped_storage().data_ptr() for t in [*weights, *tables] if not isinstance(t, NF4Tensor)}
+        assert moved and not set(moved) & kept
+        moved.clear()
+        for weight in model.parameters():  # new storages, the same tensors: as FSDP2 regathers a weight each step
+            if not isinstance(weight, NF4Tensor):
+                weight.data = weight.data.clone()
+    assert listed == list(model.layers)  # each layer's tensors listed once, their storages read at each step
 
 
 def test_an_offloaded_view_comes_back_as_the_same_view_of_its_base_moved_once():

@@ -67,6 +67,7 @@ class ActivationOffloader:
         self.host_bytes = self.peak_host_bytes = 0
         self._last: _Layer | None = None  # the latest offloaded layer of the forward under way
         self._copying: list[tuple[torch.Tensor, Any]] = []  # sources of copies still running, with events
+        self._owned: dict[nn.Module, list[torch.Tensor]] = {}  # each module's plain tensors, found once
 
     @contextlib.contextmanager
     def offloaded(self, module: nn.Module, keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
@@ -80,9 +81,11 @@ class ActivationOffloader:
 
         def pack(tensor: torch.Tensor) -> Any:
             nonlocal stays
-            if stays is None:  # at the first save, when a sharded layer has gathered its weights
-                stays = _storages(module) | kept
-            if not self._worth_moving(tensor) or tensor.untyped_storage().data_ptr() in stays:
+            if not self._worth_moving(tensor):
+                return tensor
+            if stays is None:  # at the first save worth moving, once a sharded layer has gathered its weights
+                stays = {t.untyped_storage().data_ptr() for t in self._owned_tensors(module)} | kept
+            if tensor.untyped_storage().data_ptr() in stays:
                 return tensor
             return self._offload(layer, tensor)
 
@@ -94,6 +97,15 @@ class ActivationOffloader:
         still running are waited for, so their sources can be freed before the loss runs."""
         self._last = None
         self._release_copied()
+
+    def _owned_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """`module`'s plain tensors (see _plain_tensors), listed at its first offloaded forward: walking
+        its parameters each step cost more host time than the rest of the offloading (~75 us a layer).
+        Their storages are read at every forward, since FSDP2 frees and reallocates a gathered weight's
+        storage each step while keeping the tensor."""
+        if module not in self._owned:
+            self._owned[module] = _plain_tensors(module)
+        return self._owned[module]
 
     def _worth_moving(self, tensor: torch.Tensor) -> bool:
         # Plain tensors only: NF4 weights and other subclasses are parameters, not activations.
@@ -156,10 +168,10 @@ class ActivationOffloader:
         layer.host, layer.on_device = [], on_device
 
 
-def _storages(module: nn.Module) -> set[int]:
-    """The storages of `module`'s parameters and buffers, and of the plain tensors inside subclass
-    ones (an NF4 weight's codes and scales, which its linear saves for backward): never offloaded."""
-    found, tensors = set(), [*module.parameters(), *module.buffers()]
+def _plain_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """`module`'s parameters and buffers, and the plain tensors inside subclass ones (an NF4 weight's
+    codes and scales, which its linear saves for backward): their storages are never offloaded."""
+    found, tensors = [], [*module.parameters(), *module.buffers()]
     while tensors:
         tensor = tensors.pop()
         if is_traceable_wrapper_subclass(tensor):
@@ -167,5 +179,5 @@ def _storages(module: nn.Module) -> set[int]:
             inner = [getattr(tensor, name) for name in names]
             tensors += [t for t in inner if isinstance(t, torch.Tensor)]  # a DTensor also names its device mesh
         else:
-            found.add(tensor.untyped_storage().data_ptr())
+            found.append(tensor)
     return found

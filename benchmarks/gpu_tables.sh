@@ -53,6 +53,9 @@
 #                                     # defaults and under budgets whose predicted peak is below the peers'
 #   bash benchmarks/gpu_tables.sh 31  # profiles of LoRA under a 17.9 GiB budget | QLoRA at the default
 #   bash benchmarks/gpu_tables.sh 32  # torchtune compiled then ours at the defaults | ours then torchtune
+#   bash benchmarks/gpu_tables.sh 33  # torchtune compiled LoRA/QLoRA, ours under budgets at their memory | ours at the
+#                                     # defaults, every layer's input offloaded (offloader listing its tensors once, and
+#                                     # df9af36 walking them each step), then the FP8 tiny curves
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -690,6 +693,35 @@ case $CALL in
     }
     (export CUDA_VISIBLE_DEVICES=0; torchtune_compiled; ours_defaults) > "$OUT/gpu0.log" 2>&1 &
     (export CUDA_VISIBLE_DEVICES=1; ours_defaults; torchtune_compiled) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+33)
+    # The offloader's host time (it walked each layer's parameters at every forward, df9af36, exported
+    # to .bench/old): every layer recomputed with its input offloaded, before and after, beside the
+    # defaults; the budgets at the peers' memory beside torchtune; the FP8 tiny curves at two rates.
+    ckpt
+    OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        for variant in "lora +memory_budget_gib=17.9" "qlora +memory_budget_gib=8.4"; do
+            set -- $variant
+            row "$variant" 90 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
+                --steps 10 --warmup 4 $2
+        done
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        lora() { $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True --steps 10 --warmup 4 "$@"; }
+        row lora-default 85 lora
+        row lora-offload-inputs 85 lora +enable_activation_offloading=True
+        row "lora-offload-inputs df9af36" 85 $OLD $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK \
+            compile=True --steps 10 --warmup 4 +enable_activation_offloading=True
+        row qlora-default 85 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
+            --steps 10 --warmup 4
+        row fp8-curves 100 python3 benchmarks/fp8_check.py --lrs 1e-3,3e-3
+    ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
 esac

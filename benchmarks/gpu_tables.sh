@@ -56,6 +56,8 @@
 #   bash benchmarks/gpu_tables.sh 33  # torchtune compiled LoRA/QLoRA, ours under budgets at their memory | ours at the
 #                                     # defaults, every layer's input offloaded (offloader listing its tensors once, and
 #                                     # df9af36 walking them each step), then the FP8 tiny curves
+#   bash benchmarks/gpu_tables.sh 34  # call 33's LoRA rows that did not run, each GPU its own A/B: the defaults and
+#                                     # every input offloaded, this tree and df9af36 | the budgets, the same
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -713,14 +715,38 @@ case $CALL in
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        lora() { $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True --steps 10 --warmup 4 "$@"; }
-        row lora-default 85 lora
-        row lora-offload-inputs 85 lora +enable_activation_offloading=True
+        LORA="$BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK compile=True --steps 10 --warmup 4"
+        row lora-default 85 $LORA
+        row lora-offload-inputs 85 $LORA +enable_activation_offloading=True
         row "lora-offload-inputs df9af36" 85 $OLD $BENCH lora_finetune_single_device llama3_1/8B_lora_single_device $CK \
             compile=True --steps 10 --warmup 4 +enable_activation_offloading=True
         row qlora-default 85 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
             --steps 10 --warmup 4
         row fp8-curves 100 python3 benchmarks/fp8_check.py --lrs 1e-3,3e-3
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+34)
+    # Call 33's first two rows ran no command (a shell function handed to timeout). Each GPU runs an
+    # A/B of this tree against df9af36 (.bench/old): GPU 0 the defaults and every input offloaded,
+    # GPU 1 the budgets at the peers' memory.
+    ckpt
+    OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
+    ours() {  # ours KIND [FLAGS]: this tree's recipe, then df9af36's
+        local kind=$1; shift
+        local args="lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True --steps 10 --warmup 4"
+        row "$kind $*" 70 $BENCH $args "$@"
+        row "$kind $* df9af36" 70 $OLD $BENCH $args "$@"
+    }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        ours lora
+        ours lora +enable_activation_offloading=True
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        ours lora +memory_budget_gib=17.9
+        ours qlora +memory_budget_gib=8.4
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

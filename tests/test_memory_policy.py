@@ -1,8 +1,10 @@
 """Per-layer memory policies (keep, recompute, offload, recompute+offload): the same gradients
 under each, what the offloader moves and when, and how a recipe chooses its plan."""
 
+import contextlib
 import dataclasses
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,6 +312,46 @@ def test_backward_fetches_the_previous_offloaded_layer_while_this_one_runs(monke
     model(torch.randint(0, TINY.vocab_size, (1, 9))).float().pow(2).mean().backward()
     assert events == [("unpack", 3), ("fetch", 3), ("fetch", 2), ("unpack", 2), ("fetch", 1), ("unpack", 1),
                       ("fetch", 0), ("unpack", 0)]
+
+
+class _Streams:
+    """torch.cuda's stream calls as the offloader makes them, logged: what the compute stream waits for."""
+
+    def __init__(self, log: list) -> None:
+        self.log, self.copies = log, 0
+        self.compute = self.Stream("compute")
+
+    def Stream(self, name: str = "side") -> SimpleNamespace:  # noqa: N802 (torch.cuda.Stream)
+        def record_event() -> str:
+            self.copies += 1
+            self.log.append(("copy", self.copies))
+            return f"copy {self.copies}"
+
+        def wait_event(event: str) -> None:
+            if name == "compute":
+                self.log.append(("compute waits for", int(event.split()[1])))
+
+        return SimpleNamespace(wait_stream=lambda other: None, wait_event=wait_event, record_event=record_event)
+
+    def current_stream(self) -> SimpleNamespace:
+        return self.compute
+
+    def stream(self, stream: SimpleNamespace) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+def test_a_layers_copies_to_the_host_run_beside_the_next_layers_forward():
+    """Layer i's input starts crossing once its forward is done; the compute stream waits for that
+    copy only when layer i+2 starts (or the forward ends), so layer i+1 computes beside it."""
+    model = lora_llama(dataclasses.replace(TINY, num_layers=4), LoRAArgs()).train()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD,) * 4, min_offload_bytes=0)
+    log = []
+    offloader = model.memory_policy.offloader
+    offloader.streams = _Streams(log)
+    offloader.side = offloader.streams.Stream()
+    model(torch.randint(0, TINY.vocab_size, (2, 33)))
+    assert log == [("copy", 1), ("copy", 2), ("compute waits for", 1), ("copy", 3), ("compute waits for", 2),
+                   ("copy", 4), ("compute waits for", 3), ("compute waits for", 4)]
 
 
 def test_the_switches_keep_their_torchtune_meaning():

@@ -66,14 +66,14 @@ class ActivationOffloader:
         self.pin = device.type != "cpu"  # pinned host memory exists only with an accelerator
         self.host_bytes = self.peak_host_bytes = 0
         self._last: _Layer | None = None  # the latest offloaded layer of the forward under way
-        self._copying: list[tuple[torch.Tensor, Any]] = []  # sources of copies still running, with events
+        self._copying: list[tuple[_Layer, torch.Tensor, Any]] = []  # sources of copies under way, with events
         self._owned: dict[nn.Module, list[torch.Tensor]] = {}  # each module's plain tensors, found once
 
     @contextlib.contextmanager
     def offloaded(self, module: nn.Module, keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
         """Runs the block with its saved tensors offloaded, except `module`'s own parameters and
         buffers and the `keep` tensors (shared by every layer, such as the rotary tables)."""
-        self._release_copied()
+        self._release_copied(but=self._last)
         layer = _Layer(previous=self._last)
         self._last = layer
         kept = {t.untyped_storage().data_ptr() for t in keep}
@@ -125,20 +125,24 @@ class ActivationOffloader:
             with self.streams.stream(self.side):
                 host = torch.empty(flat.shape, dtype=flat.dtype, device="cpu", pin_memory=self.pin)
                 host.copy_(flat, non_blocking=True)
-            self._copying.append((tensor, self.side.record_event()))
+            self._copying.append((layer, tensor, self.side.record_event()))
             layer.by_key[key] = len(layer.host)
             layer.host.append(host)
             self.host_bytes += storage.nbytes()
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
         return _Handle(layer, layer.by_key[key], tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
 
-    def _release_copied(self) -> None:
-        """Lets the sources of finished copies go: the compute stream waits for each copy's event,
-        so the caching allocator may hand the memory to later compute only after the copy read it."""
+    def _release_copied(self, but: _Layer | None = None) -> None:
+        """Lets the sources of copies go, all but `but`'s: the compute stream waits for each copy's
+        event, so the caching allocator may hand the memory to later compute only after the copy
+        read it. A layer's copies start once its forward is done, so the next layer's forward runs
+        beside them and the one after waits for them (waiting at the next layer left the GPU idle
+        while each layer's input crossed the bus)."""
         compute = self.streams.current_stream()
-        for _, event in self._copying:
-            compute.wait_event(event)
-        self._copying.clear()
+        for layer, _, event in self._copying:
+            if layer is not but:
+                compute.wait_event(event)
+        self._copying = [copy for copy in self._copying if copy[0] is but]
 
     def _unpack(self, saved: Any) -> torch.Tensor:
         if not isinstance(saved, _Handle):

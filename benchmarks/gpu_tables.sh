@@ -58,6 +58,8 @@
 #                                     # df9af36 walking them each step), then the FP8 tiny curves
 #   bash benchmarks/gpu_tables.sh 34  # call 33's LoRA rows that did not run, each GPU its own A/B: the defaults and
 #                                     # every input offloaded, this tree and df9af36 | the budgets, the same
+#   bash benchmarks/gpu_tables.sh 35  # Unsloth at 32k, then ours compiled | ours at the defaults, every input
+#                                     # offloaded, the budgets at the peers' memory; then torchtune compiled
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -747,6 +749,28 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=1
         ours lora +memory_budget_gib=17.9
         ours qlora +memory_budget_gib=8.4
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+35)
+    # The offloader's copies no longer stall the next layer: the rows that offload, beside torchtune
+    # (GPU 1) and Unsloth at 32k (GPU 0).
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        long_rows_beside_unsloth
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        for variant in "lora" "lora +enable_activation_offloading=True" "lora +memory_budget_gib=17.9" "qlora" \
+                       "qlora +memory_budget_gib=8.4"; do
+            set -- $variant
+            row "$variant" 60 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
+                --steps 10 --warmup 4 ${2:-}
+        done
+        SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
+            lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

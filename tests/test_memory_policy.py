@@ -120,6 +120,29 @@ def test_recompute_and_offload_by_block_moves_each_layer_input_and_its_mlp_block
     assert estimate.estimate(dataclasses.replace(plan, mlp_chunk_tokens=None), 2, 33).host_bytes == layers * one
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_recompute_offload_attention_moves_the_kept_attention_output_where_the_estimate_says(compiled):
+    """Compiled, the layer's checkpoint is inside its graph, which saves the attention output through
+    the offloader's hook: it goes to the host with the input. Eager, the checkpoint keeps it on the card."""
+    torch._dynamo.reset()
+    model = lora_model()
+    set_memory_policy(model, (RECOMPUTE_OFFLOAD_ATTENTION,) * TINY.num_layers, None, min_offload_bytes=0)
+    if compiled:
+        for layer in model.layers:
+            layer.compile(backend="aot_eager")
+    model(torch.randint(0, TINY.vocab_size, (2, 33))).float().pow(2).mean().backward()
+    tokens, heads, p = 2 * 33, TINY.num_heads, 4
+    attention = tokens * heads * (TINY.resolved_head_dim * p + 4) if compiled else 0  # the output and its logsumexp
+    assert model.memory_policy.offloader.peak_host_bytes == TINY.num_layers * (tokens * TINY.embed_dim * p + attention)
+    estimate = memory_model(tiny_cfg(f"compile={compiled}"), memory_facts(LORA, MEMORY))
+    layers, plan = estimate.args.num_layers, MemoryPlan((RECOMPUTE_OFFLOAD_ATTENTION,) * estimate.args.num_layers, None)
+    one = pinned_bytes(tokens * estimate.args.embed_dim * estimate.p)
+    if compiled:
+        one += pinned_bytes(tokens * estimate.args.num_heads * estimate.args.resolved_head_dim * estimate.p)
+        one += pinned_bytes(tokens * estimate.args.num_heads * 4)
+    assert estimate.estimate(plan, 2, 33).host_bytes == layers * one
+
+
 @pytest.mark.parametrize("by_block, runs", [(False, 14), (True, 10)], ids=["by layer", "by block"])
 @pytest.mark.parametrize("policy", [RECOMPUTE, RECOMPUTE_ATTENTION, RECOMPUTE_OFFLOAD_ATTENTION])
 def test_a_layer_recomputed_by_block_runs_each_mlp_chunk_twice_not_three_times(policy, by_block, runs):

@@ -60,6 +60,8 @@
 #                                     # every input offloaded, this tree and df9af36 | the budgets, the same
 #   bash benchmarks/gpu_tables.sh 35  # Unsloth at 32k, then ours compiled | ours at the defaults, every input
 #                                     # offloaded, the budgets at the peers' memory; then torchtune compiled
+#   bash benchmarks/gpu_tables.sh 36  # call 35 again after the estimate moves a compiled layer's kept attention
+#                                     # output to the host: Unsloth and ours at 32k | ours, then torchtune compiled
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -752,7 +754,7 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
-35)
+35|36)
     # The offloader's copies no longer stall the next layer: the rows that offload, beside torchtune
     # (GPU 1) and Unsloth at 32k (GPU 0).
     ckpt

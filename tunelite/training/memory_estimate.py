@@ -415,6 +415,9 @@ class MemoryModel:
     attention_scores: float  # attention_scores_bytes: per token and key position
     attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
+    # values of a recomputed layer's NF4 weights whose recomputation's bf16 copies (keep_dequantized_weights)
+    # are alive at its MLP's backward: all but the down projection's, the first used
+    recomputed_nf4: int
     details: dict[str, str]
     notes: tuple[str, ...]  # said under every estimate: compile, sizes unchecked against a checkpoint
     sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
@@ -456,7 +459,7 @@ class MemoryModel:
             backward = dict.fromkeys((False, True), in_backward(self.chunk_mlp_backward_extra))
         else:
             backward = {False: in_backward(self.mlp_backward_extra),
-                        True: in_backward(self.recomputed_mlp_backward_extra)}
+                        True: in_backward(self.recomputed_mlp_backward_extra) + self.recomputed_nf4 * p}
 
         # Layer by layer through backward: the lower layers' resident activations, this layer's
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
@@ -778,6 +781,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         attention_scores_bytes(args, p),
         args.num_heads * (args.resolved_head_dim * p + 4),
         max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
+        sum(t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized and not n.startswith("mlp.w2.")),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)), compiled,
     )
 

@@ -62,6 +62,9 @@
 #                                     # offloaded, the budgets at the peers' memory; then torchtune compiled
 #   bash benchmarks/gpu_tables.sh 36  # call 35 again after the estimate moves a compiled layer's kept attention
 #                                     # output to the host: Unsloth and ours at 32k | ours, then torchtune compiled
+#   bash benchmarks/gpu_tables.sh 37  # after the estimate counts a recomputed NF4 layer's dequantized weights:
+#                                     # Unsloth and our QLoRA at 32k | our QLoRA eager (2 x 2048, 1 x 8192), compiled
+#                                     # default and budget, then torchtune compiled QLoRA
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -772,6 +775,27 @@ case $CALL in
         done
         SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
             lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+37)
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+        grep -a "^RESULT" "$OUT/unsloth.log"
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row long-rows 120 python3 benchmarks/long_context_bench.py \
+            $CK --rows qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        QLORA="$BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK"
+        row qlora-eager 50 $QLORA compile=False --steps 6 --warmup 2
+        row qlora-eager-8192 50 $QLORA compile=False --batch 1 --seq 8192 --steps 4 --warmup 2
+        row qlora-compiled 60 $QLORA compile=True --steps 10 --warmup 4
+        row "qlora-compiled +memory_budget_gib=8.4" 60 $QLORA compile=True --steps 10 --warmup 4 +memory_budget_gib=8.4
+        SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
     ) > "$OUT/gpu1.log" 2>&1 &
     wait

@@ -64,7 +64,7 @@
 #                                     # output to the host: Unsloth and ours at 32k | ours, then torchtune compiled
 #   bash benchmarks/gpu_tables.sh 37  # after the estimate counts a recomputed NF4 layer's dequantized weights:
 #                                     # Unsloth and our QLoRA at 32k | our QLoRA eager (2 x 2048, 1 x 8192), compiled
-#                                     # default and budget, then torchtune compiled QLoRA
+#                                     # under a budget, then torchtune compiled QLoRA
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -793,7 +793,6 @@ case $CALL in
         QLORA="$BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK"
         row qlora-eager 50 $QLORA compile=False --steps 6 --warmup 2
         row qlora-eager-8192 50 $QLORA compile=False --batch 1 --seq 8192 --steps 4 --warmup 2
-        row qlora-compiled 60 $QLORA compile=True --steps 10 --warmup 4
         row "qlora-compiled +memory_budget_gib=8.4" 60 $QLORA compile=True --steps 10 --warmup 4 +memory_budget_gib=8.4
         SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null

@@ -57,11 +57,13 @@ CONFIGS = {
     "full_fsdp": ("full_finetune_distributed", "llama3_1/8B_full"),
     "lora_fsdp": ("lora_finetune_distributed", "llama3_1/8B_lora"),
 }
-# Peak allocated GiB on an H100, Llama 3.1 8B random weights, bf16, checkpointing on, no compile
-# (benchmarks/recipe_bench.py, 2026-11-23, this tree): (config, batch, seq) -> measured.
+# Peak allocated GiB, Llama 3.1 8B random weights, bf16, checkpointing on, no compile
+# (benchmarks/recipe_bench.py): (config, batch, seq) -> measured. On an H100 (2026-11-23), but QLoRA
+# on an H200 (call 37), since a recomputed layer hands its recomputation's bf16 weights to backward
+# (d6739bb): 7.34 and 9.21 GiB before.
 MEASURED = {
     ("lora", 2, 2048): 16.99, ("lora", 1, 8192): 18.85,
-    ("qlora", 2, 2048): 7.34, ("qlora", 1, 8192): 9.21,
+    ("qlora", 2, 2048): 7.67, ("qlora", 1, 8192): 9.57,
     ("full", 2, 2048): 19.03, ("full", 1, 8192): 20.10,
 }
 
@@ -100,7 +102,7 @@ def test_breakdown_sums_to_the_total(config_only, kind):
 
 
 @pytest.mark.parametrize(("kind", "batch", "seq"), list(MEASURED))
-def test_prediction_is_within_3_percent_of_the_h100_measurement(config_only, kind, batch, seq):
+def test_prediction_is_within_3_percent_of_the_measurement(config_only, kind, batch, seq):
     predicted = estimate(config_only, kind, f"batch_size={batch}", f"tokenizer.max_seq_len={seq}").peak_allocated
     assert predicted / GIB == pytest.approx(MEASURED[kind, batch, seq], rel=0.03)
 

@@ -105,6 +105,16 @@ lora_rows() {
     done
 }
 
+# compiled_variants SECONDS VARIANT...: our single-device LoRA recipe compiled at 2 x 2048, once per
+# VARIANT, "KIND [OVERRIDE]" (KIND lora or qlora), each a row given SECONDS.
+compiled_variants() {
+    local need=$1 variant; shift
+    for variant in "$@"; do
+        set -- $variant
+        row "$variant" "$need" $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
+            --steps 10 --warmup 4 ${2:-}
+    done
+}
 # torchtune's compiled LoRA and QLoRA at 2 x 2048, then ours under a 22 GiB budget, on this chain's GPU.
 budget_rows_beside_torchtune() {
     SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
@@ -658,12 +668,8 @@ case $CALL in
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        for variant in "lora" "lora +memory_budget_gib=17.9" "qlora" "qlora +memory_budget_gib=8.4" \
-                       "qlora +memory_budget_gib=8.2"; do
-            set -- $variant
-            row "$variant" 90 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
-                --steps 10 --warmup 4 ${2:-}
-        done
+        compiled_variants 90 "lora" "lora +memory_budget_gib=17.9" "qlora" "qlora +memory_budget_gib=8.4" \
+            "qlora +memory_budget_gib=8.2"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
@@ -714,11 +720,7 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=0
         SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
-        for variant in "lora +memory_budget_gib=17.9" "qlora +memory_budget_gib=8.4"; do
-            set -- $variant
-            row "$variant" 90 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
-                --steps 10 --warmup 4 $2
-        done
+        compiled_variants 90 "lora +memory_budget_gib=17.9" "qlora +memory_budget_gib=8.4"
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
@@ -767,12 +769,8 @@ case $CALL in
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        for variant in "lora" "lora +enable_activation_offloading=True" "lora +memory_budget_gib=17.9" "qlora" \
-                       "qlora +memory_budget_gib=8.4"; do
-            set -- $variant
-            row "$variant" 60 $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
-                --steps 10 --warmup 4 ${2:-}
-        done
+        compiled_variants 60 "lora" "lora +enable_activation_offloading=True" "lora +memory_budget_gib=17.9" \
+            "qlora" "qlora +memory_budget_gib=8.4"
         SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
             lora_compile qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null

@@ -65,6 +65,8 @@
 #   bash benchmarks/gpu_tables.sh 37  # after the estimate counts a recomputed NF4 layer's dequantized weights:
 #                                     # Unsloth and our QLoRA at 32k | our QLoRA eager (2 x 2048, 1 x 8192), compiled
 #                                     # under a budget, then torchtune compiled QLoRA
+#   bash benchmarks/gpu_tables.sh 38  # issue 16's long table in one call on the current tree: Unsloth at 32k and
+#                                     # 48k, our LoRA at 48k | our QLoRA at 16k, 32k (eager, compiled), 64k, 128k
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -122,12 +124,17 @@ budget_rows_beside_torchtune() {
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row budget-rows 150 python3 benchmarks/long_context_bench.py \
         $CK --rows qlora-budget,lora-budget --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
 }
-# Unsloth's QLoRA at 32k, then ours eager and compiled, under a 22 GiB cap, on this chain's GPU.
-long_rows_beside_unsloth() {
-    LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
+# unsloth_then_ours LENGTHS SECONDS ROWS: Unsloth's QLoRA at LENGTHS (given SECONDS), then our long_context_bench
+# ROWS, under a 22 GiB cap, on this chain's GPU.
+unsloth_then_ours() {
+    LIMIT=$2 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" $1 > /dev/null 2>&1
     grep -a "^RESULT" "$OUT/unsloth.log"
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row long-rows 120 python3 benchmarks/long_context_bench.py \
-        $CK --rows qlora:32768,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
+        $CK --rows $3 --time-limit $(( $(left) - 10 ))
+}
+# Unsloth's QLoRA at 32k, then ours eager and compiled.
+long_rows_beside_unsloth() {
+    unsloth_then_ours 32768 200 qlora:32768,qlora-compiled:32768
 }
 
 # ckpt, with 150 GiB of host memory touched first, which pushes the page cache out so that the full
@@ -781,10 +788,7 @@ case $CALL in
     ckpt
     (
         export CUDA_VISIBLE_DEVICES=0
-        LIMIT=200 OUT=$OUT bash .bench/anchors/unsloth/run.sh "long2" 32768 > /dev/null 2>&1
-        grep -a "^RESULT" "$OUT/unsloth.log"
-        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row long-rows 120 python3 benchmarks/long_context_bench.py \
-            $CK --rows qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
+        unsloth_then_ours 32768 200 qlora-compiled:32768
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
@@ -794,6 +798,19 @@ case $CALL in
         row "qlora-compiled +memory_budget_gib=8.4" 60 $QLORA compile=True --steps 10 --warmup 4 +memory_budget_gib=8.4
         SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK qlora_compile
         cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+38)
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        unsloth_then_ours 32768,49152 230 lora:49152
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row qlora-long 450 python3 benchmarks/long_context_bench.py \
+            $CK --rows qlora:131072,qlora:65536,qlora:32768,qlora:16384,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

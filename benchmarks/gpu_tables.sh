@@ -86,13 +86,17 @@ export PYTHONPATH=$ROOT:/tmp/site
 CK=/tmp/ck8b
 
 left() { echo $(( LIMIT - SECONDS )); }
-# row NAME SECONDS COMMAND...: runs the command if SECONDS remain, bounded by what remains.
+# row NAME SECONDS COMMAND...: runs the command if SECONDS remain, bounded by what remains; a failure
+# prints its exit status.
 row() {
     local name=$1 need=$2; shift 2
     local t; t=$(left)
     if [ "$t" -lt "$need" ]; then echo "RESULT row=$name skipped=\"${t}s left, needs ~${need}s\""; return; fi
     echo "== $name at ${SECONDS}s"
     timeout "$t" "$@" 2>&1 | grep -E "^RESULT|Error|error:|out of memory" | grep -v "^W" | tail -8
+    # A command that failed says so (call 33 lost two rows to one that never ran: 127 from timeout).
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || echo "RESULT row=$name exit=$rc"
 }
 BENCH="python3 benchmarks/recipe_bench.py"
 # lora_rows STEPS WARMUP VARIANT...: the distributed LoRA recipe once per VARIANT, "GPUS [ARGS...]",

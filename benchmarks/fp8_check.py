@@ -70,9 +70,9 @@ def main() -> None:
               f"bf16_vs_fp32={abs(losses['bf16'] - losses['fp32']) / losses['fp32']:.4%} "
               f"fp8_vs_fp32={abs(losses['fp8'] - losses['fp32']) / losses['fp32']:.4%}", flush=True)
     epochs = f"epochs={max(1, a.steps // 12)}"
+    run = partial(curve, device=a.device)
     for lr in a.lrs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            run = partial(curve, device=a.device)
             common = (epochs, f"optimizer.lr={lr}")
             fp32 = run(Path(tmp) / "fp32", *common, "dtype=fp32")
             bf16 = run(Path(tmp) / "bf16", *common)

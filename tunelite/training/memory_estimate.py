@@ -413,7 +413,9 @@ class MemoryModel:
     recomputed_mlp_backward_extra: float  # the same for a layer recomputed whole (recomputed_adapters)
     chunk_mlp_backward_extra: float  # the same for the MLP in chunks, which run eagerly
     attention_scores: float  # attention_scores_bytes: per token and key position
-    attention_output: float  # per token, what a recomputed layer that keeps its attention output keeps
+    # per token, the tensors a recomputed layer that keeps its attention output keeps: the output and its
+    # logsumexp (fp32)
+    attention_output: tuple[float, ...]
     largest_nf4: int  # values of a layer's largest NF4 weight, dequantized in its backward
     # values of a recomputed layer's NF4 weights whose recomputation's bf16 copies (keep_dequantized_weights)
     # are alive at its MLP's backward: all but the down projection's, the first used
@@ -465,7 +467,7 @@ class MemoryModel:
         # (kept, recomputed or fetched back), and the previous offloaded layer's, fetched ahead.
         # A layer recomputed by block keeps its MLP block's input as well as its own. A kept attention
         # output goes to the host with the input where the offloader sees it (_attention_offloaded).
-        kept_attention, inputs = tokens * self.attention_output, hidden * (1 + (chunked and plan.by_block))
+        kept_attention, inputs = tokens * sum(self.attention_output), hidden * (1 + (chunked and plan.by_block))
         moved_attention = kept_attention if self._attention_offloaded(chunked) else 0
         resident = {KEEP: hidden + saved, RECOMPUTE: inputs, OFFLOAD: 0, RECOMPUTE_OFFLOAD: 0,
                     RECOMPUTE_ATTENTION: inputs + kept_attention,
@@ -545,9 +547,7 @@ class MemoryModel:
         if policy in (RECOMPUTE_OFFLOAD, RECOMPUTE_OFFLOAD_ATTENTION):
             moved = (1 + (chunked and by_block)) * pinned_bytes(tokens * self.args.embed_dim * self.p)
             if policy == RECOMPUTE_OFFLOAD_ATTENTION and self._attention_offloaded(chunked):
-                heads = self.args.num_heads
-                moved += pinned_bytes(tokens * heads * self.args.resolved_head_dim * self.p)  # the output
-                moved += pinned_bytes(tokens * heads * 4)  # its logsumexp, fp32
+                moved += sum(pinned_bytes(tokens * size) for size in self.attention_output)
             return moved
         tensors = [self.args.embed_dim * self.p, *self.attention_saved, *(() if chunked else self.mlp_saved)]
         return sum(pinned_bytes(tokens * size) for size in tensors if tokens * size >= MIN_OFFLOAD_BYTES)
@@ -702,6 +702,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
 
     layer = model.layers[0]
     layer_params = {n: t for n, t in layer.named_parameters()}
+    layer_nf4 = {n: t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized}
     layer_trained = [t.numel() * p for n, t in layer_params.items() if f"layers.0.{n}" in trained]
     if optimizer.keeps_all_gradients:
         resident_grads, layer_grads = trained_bytes, 0.0
@@ -779,9 +780,9 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
                                        recomputed_adapters=any(name.startswith("mlp.") for name in layer_adapters)),
         backward_extra_bytes_per_token(args, p, False, recipe.trains_all),
         attention_scores_bytes(args, p),
-        args.num_heads * (args.resolved_head_dim * p + 4),
-        max((t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized), default=0),
-        sum(t.numel() for n, t in layer_params.items() if f"layers.0.{n}" in quantized and not n.startswith("mlp.w2.")),
+        (args.num_heads * args.resolved_head_dim * p, args.num_heads * 4),
+        max(layer_nf4.values(), default=0),
+        sum(numel for n, numel in layer_nf4.items() if not n.startswith("mlp.w2.")),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)), compiled,
     )
 

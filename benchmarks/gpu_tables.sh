@@ -67,6 +67,8 @@
 #                                     # under a budget, then torchtune compiled QLoRA
 #   bash benchmarks/gpu_tables.sh 38  # issue 16's long table in one call on the current tree: Unsloth at 32k and
 #                                     # 48k, our LoRA at 48k | our QLoRA at 16k, 32k (eager, compiled), 64k, 128k
+#   bash benchmarks/gpu_tables.sh 39  # the embedding table in host memory (offload_embeddings): its check, then
+#                                     # LoRA under budgets with and without it | QLoRA the same, and the defaults with it
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -112,13 +114,14 @@ lora_rows() {
 }
 
 # compiled_variants SECONDS VARIANT...: our single-device LoRA recipe compiled at 2 x 2048, once per
-# VARIANT, "KIND [OVERRIDE]" (KIND lora or qlora), each a row given SECONDS.
+# VARIANT, "KIND [OVERRIDE...]" (KIND lora or qlora), each a row given SECONDS.
 compiled_variants() {
-    local need=$1 variant; shift
+    local need=$1 variant kind; shift
     for variant in "$@"; do
         set -- $variant
-        row "$variant" "$need" $BENCH lora_finetune_single_device llama3_1/8B_${1}_single_device $CK compile=True \
-            --steps 10 --warmup 4 ${2:-}
+        kind=$1; shift
+        row "$variant" "$need" $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+            --steps 10 --warmup 4 "$@"
     done
 }
 # torchtune's compiled LoRA and QLoRA at 2 x 2048, then ours under a 22 GiB budget, on this chain's GPU.
@@ -815,6 +818,21 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=1
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row qlora-long 450 python3 benchmarks/long_context_bench.py \
             $CK --rows qlora:131072,qlora:65536,qlora:32768,qlora:16384,qlora-compiled:32768 --time-limit $(( $(left) - 10 ))
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+39)
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        row host-embedding-check 40 python3 benchmarks/host_embedding_check.py
+        compiled_variants 70 "lora +memory_budget_gib=17.9" "lora +memory_budget_gib=18.2 +offload_embeddings=True" \
+            "lora +offload_embeddings=True"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        compiled_variants 70 "qlora +memory_budget_gib=8.4" "qlora +memory_budget_gib=8.9 +offload_embeddings=True" \
+            "qlora +offload_embeddings=True"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

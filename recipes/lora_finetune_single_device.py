@@ -37,6 +37,7 @@ from tunelite.checkpointing.state import (
 from tunelite.config import instantiate, recipe_entry
 from tunelite.data.collate import padded_collate
 from tunelite.data.loader import build_dataloader, epoch_batches, labelled_tokens, step_sample_indices, steps_per_epoch
+from tunelite.modules.host_embedding import offload_embeddings
 from tunelite.modules.lora import merged_state_dict, set_trainable_params
 from tunelite.modules.loss import IGNORE_INDEX
 from tunelite.modules.memory_policy import set_memory_policy
@@ -64,7 +65,7 @@ CONFIG_KEYS = {
         "val_dataset", "profiler", "max_steps_per_epoch", "clip_grad_norm", "skip_nonfinite_steps",
         "eval_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model",
         "resume_from_checkpoint", "log_peak_memory_stats", "base_model_id", "overwrite_output_dir", "divergence_factor",
-        "enable_activation_offloading", "memory_budget_gib",
+        "enable_activation_offloading", "memory_budget_gib", "offload_embeddings",
     ),
 }
 # What `tunelite estimate` needs to know of this recipe: only the adapters train, one sequence a sample.
@@ -111,6 +112,8 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
     plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
                        cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
     set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens, plan.by_block)
+    if cfg.get("offload_embeddings", False):  # the frozen table in host memory, read in place by the GPU
+        offload_embeddings(model, device)
     if cfg.compile:
         compile_layers(model)
     adapters = [p for p in model.parameters() if p.requires_grad]

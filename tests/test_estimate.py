@@ -503,3 +503,28 @@ def test_sharded_advice_offloads_with_fsdp_and_launches_as_many_processes(config
         cfg = with_overrides(load(recipe, name), overrides)
         assert estimate_memory(cfg, recipe_memory(declared(recipe)), world_size=2).total <= 24 * GIB
 
+
+
+def test_an_offloaded_embedding_table_leaves_the_card_for_pinned_host_memory(config_only, capsys):
+    table = LLAMA3_1_8B.vocab_size * LLAMA3_1_8B.embed_dim * 2
+    for kind in ("lora", "qlora"):
+        on_card, on_host = (model_of(config_only, kind, *extra) for extra in ((), ("+offload_embeddings=True",)))
+        plan = uniform(RECOMPUTE)
+        assert on_card.estimate(plan).peak_allocated - on_host.estimate(plan).peak_allocated == table
+        assert on_host.estimate(plan).host_weights == 2 ** math.ceil(math.log2(table)) and on_host.estimate(plan).host_bytes == 0
+        # the freed gigabyte buys kept layers under the same budget
+        budget = 18 * GIB if kind == "lora" else 9 * GIB
+        assert on_host.fastest_plan(budget)[0].layers.count(KEEP) > on_card.fastest_plan(budget)[0].layers.count(KEEP)
+    given = [f"checkpointer.checkpoint_dir={config_only}", "+offload_embeddings=True"]
+    assert main(["estimate", LORA, "--config", "llama3_1/8B_lora_single_device", *given]) == 0
+    out = capsys.readouterr().out
+    assert "the embedding table in host memory" in out
+    assert re.search(r"host memory \(pinned\) +1\.00 GiB +the embedding table", out)
+    assert re.search(r"  recompute every layer +\d+\.\d\d GiB +1\.00 GiB", out)  # the policies' host column counts it
+
+
+def test_an_embedding_table_that_is_the_output_projection_cannot_be_offloaded(tmp_path):
+    cfg = load(LORA, "llama3_2/1B_lora_single_device", [f"checkpointer.checkpoint_dir={tmp_path}",
+                                                         "+offload_embeddings=True"])
+    with pytest.raises(ConfigError, match="offload_embeddings: .*tied embeddings"):
+        memory_model(cfg, recipe_memory(declared(LORA)))

@@ -132,11 +132,11 @@ def policy_lines(model: MemoryModel, card: int | None) -> list[str]:
              f"  {'policy':<64}{'on the card':>12}{'host':>12}"]
     for policy in POLICIES:
         result = model.estimate(MemoryPlan((policy,) * model.args.num_layers))
-        lines.append(f"  {policy + ' every layer':<64}{gib(result.total):>12}{gib(result.host_bytes):>12}")
+        lines.append(f"  {policy + ' every layer':<64}{gib(result.total):>12}{gib(result.pinned_host):>12}")
     if card is not None:
         fitted = model.fastest_plan(card)
         pick = fitted[0].describe(tokens) if fitted else "nothing fits"
-        sizes = f"{gib(fitted[1].total):>12}{gib(fitted[1].host_bytes):>12}" if fitted else ""
+        sizes = f"{gib(fitted[1].total):>12}{gib(fitted[1].pinned_host):>12}" if fitted else ""
         lines.append(f"  {'fastest in ' + gib(card) + ': ' + pick:<64}{sizes}")
         lines.append(f"  (what memory_budget_gib: {card / 2**30:g} or auto on this card picks)")
     return lines

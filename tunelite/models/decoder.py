@@ -564,11 +564,12 @@ class TransformerDecoder(nn.Module):
     ) -> None:
         """Gives every attention layer an empty KV cache of `max_seq_len` positions, for generation;
         training never calls this, so its forward pass is unchanged."""
-        weight = self.tok_embeddings.weight
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.norm.weight.device  # the embedding table may be in host memory
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, self.args.num_kv_heads, max_seq_len, self.args.resolved_head_dim,
-                                          dtype or weight.dtype, device or weight.device)
-        self.cache_positions = torch.zeros((batch_size, max_seq_len), dtype=torch.long, device=device or weight.device)
+                                          dtype, device)
+        self.cache_positions = torch.zeros((batch_size, max_seq_len), dtype=torch.long, device=device)
 
     def reset_caches(self) -> None:
         """Drops the KV caches and their memory: the model attends over its input alone again."""

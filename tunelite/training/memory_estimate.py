@@ -46,6 +46,7 @@ from tunelite.config import apply_overrides, instantiate, resolve_component
 from tunelite.distributed.sharding import mixed_precision
 from tunelite.errors import ConfigError
 from tunelite.models.decoder import ModelArgs
+from tunelite.modules.host_embedding import check_offloadable
 from tunelite.modules.lora import LoRALinear, is_adapter_key
 from tunelite.modules.loss import MAX_CHUNK_TOKENS, loss_chunks
 from tunelite.modules.memory_policy import (
@@ -117,6 +118,7 @@ class MemoryEstimate:
     other_moments: dict[str, int] = field(default_factory=dict)  # allocated at the other candidate peaks
     notes: list[str] = field(default_factory=list)
     host_bytes: int = 0  # pinned host memory of offloaded activations
+    host_weights: int = 0  # pinned host memory of the embedding table (offload_embeddings)
     # fsdp_cpu_offload: this process's shards of the weights, their gradients and the optimizer
     # state, in host memory (apart from host_bytes, which a run checks against the free memory
     # before it starts, when the shards are already loaded)
@@ -130,6 +132,11 @@ class MemoryEstimate:
     def peak_allocated(self) -> int:
         return self.total - self.components[OVERHEAD]
 
+    @property
+    def pinned_host(self) -> int:
+        """All the pinned host memory a run takes: offloaded activations and the embedding table."""
+        return self.host_bytes + self.host_weights
+
     def report(self) -> str:
         """The breakdown as the `tunelite estimate` command prints it."""
         lines = [f"Predicted peak GPU memory ({self.setup}):"]
@@ -141,6 +148,9 @@ class MemoryEstimate:
         lines.append(f"  {'= needed on the card':<24}{gib(self.total):>9}")
         if self.host_bytes:
             lines.append(f"  {'host memory (pinned)':<24}{gib(self.host_bytes):>9}   offloaded activations")
+        if self.host_weights:
+            lines.append(f"  {'host memory (pinned)':<24}{gib(self.host_weights):>9}   the embedding table "
+                         "(offload_embeddings), read in place by the GPU")
         if self.host_state:
             lines.append(f"  {'host memory (shards)':<24}{gib(self.host_state):>9}   weights, gradients and optimizer "
                          "state (fsdp_cpu_offload), per process")
@@ -425,6 +435,7 @@ class MemoryModel:
     sharding: Sharding | None = None  # FSDP2 over several processes; None: one device holds everything
     packed: bool = False  # dataset.packed: documents attend through FlexAttention, whose output no policy keeps
     compiled: bool = False  # compile: a layer recomputed whole checkpoints itself inside its graph
+    host_weights: int = 0  # offload_embeddings: the embedding table's pinned host bytes, not on the card
 
     @property
     def world_size(self) -> int:
@@ -530,7 +541,7 @@ class MemoryModel:
         persistent = sum(self.persistent.values()) + CUBLAS_WORKSPACE
         others = {when: int(persistent + sum(parts)) for when, parts in moments.items() if when != peak_during}
         return MemoryEstimate({k: int(v) for k, v in components.items()}, details, peak_during, setup, others,
-                              list(self.notes), host, sharding.host_state if sharding else 0)
+                              list(self.notes), host, self.host_weights, sharding.host_state if sharding else 0)
 
     def _attention_offloaded(self, chunked: bool) -> bool:
         """Whether recompute+offload+attention moves the kept attention output to the host too. Compiled
@@ -629,7 +640,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
 
     Formulas, with T = batch x seq tokens, L layers, d embed_dim, I intermediate_dim, V vocab,
     p bytes per value of `dtype`, C = loss chunks (`loss_chunks`):
-      weights      every frozen or trained weight: p per value, NF4 weights `nf4_bytes`
+      weights      every frozen or trained weight: p per value, NF4 weights `nf4_bytes`; with
+                   offload_embeddings the embedding table is in pinned host memory instead
       adapter      LoRA A and B: p per value
       gradients    p per trained value (optimizer_in_bwd: a layer's largest trained tensor;
                    offloaded gradients: one layer's); when the output projection trains, its
@@ -649,7 +661,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
                    logits' gradient (+ 2 p for Gemma 2's capped logits)
       workspace    cuBLAS's, 32 MiB
       context      0.5 GiB CUDA context + 15% allocator reserve: counted to fit a card only.
-      host         pinned copies of the offloaded tensors, each rounded up to a power of two.
+      host         pinned copies of the offloaded tensors (and the embedding table), each
+                   rounded up to a power of two.
     A QLoRA layer also holds the dequantized copy of its largest weight (p per value) in backward.
     Over N = world_size > 1 processes (FSDP2, `Sharding`), per GPU, with r bytes per value of the
     reduce dtype (`mixed_precision`: fp32 when training in bf16), R the root's weights (outside
@@ -695,6 +708,11 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
     adapters = {n for n in params if is_adapter_key(n)}
     stored = {n: nf4_bytes(t.numel(), p) if n in quantized else t.numel() * p for n, t in params.items()}
     weights = sum(stored[n] for n in params if n not in adapters)
+    host_weights = 0
+    if cfg.get("offload_embeddings"):  # the frozen table in pinned host memory (tunelite.modules.host_embedding)
+        check_offloadable(args.tie_word_embeddings, "tok_embeddings.weight" in trained)
+        host_weights = pinned_bytes(stored["tok_embeddings.weight"])
+        weights -= stored["tok_embeddings.weight"]
     adapter = sum(stored[n] for n in adapters)
     trained_bytes = sum(params[n].numel() * p for n in trained)
     # Sharded, each process keeps the state of its 1/N of each tensor.
@@ -725,6 +743,8 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
                    f"{'gathered weights, ' if world_size > 1 else ''}gradients, activations and logits); not in peak "
                    "allocated"),
     }
+    if host_weights:
+        details[WEIGHTS] += ", the embedding table in host memory"
     if str(cfg.optimizer._component_) == OVERLAPPED_OPTIMIZER:
         accumulation = ACCUMULATION_DTYPES.get(str(cfg.optimizer.get("accumulation_dtype", "fp32")), torch.float32)
         chunk = int(cfg.optimizer.get("chunk_size", CHUNK_SIZE))
@@ -784,6 +804,7 @@ def memory_model(cfg: DictConfig, recipe: RecipeMemory, world_size: int = 1) -> 
         max(layer_nf4.values(), default=0),
         sum(numel for n, numel in layer_nf4.items() if not n.startswith("mlp.w2.")),
         details, notes, sharding, bool(OmegaConf.select(cfg, "dataset.packed", default=False)), compiled,
+        host_weights,
     )
 
 

@@ -66,7 +66,8 @@ def plan_memory(cfg: DictConfig, memory: dict, num_layers: int, device: torch.de
               f"by the estimate; running the leanest, which needs {gib(estimate.total)}. If it runs "
               "out of memory, lower batch_size or tokenizer.max_seq_len, or use a QLoRA config")
     print(describe_plan(plan, estimate, model.batch * model.seq))
-    require_host_memory(estimate.host_bytes, "offloading activations",
+    what = "offloading activations" + (" and the embedding table" if estimate.host_weights else "")
+    require_host_memory(estimate.pinned_host, what,
                         "Offload fewer layers (set enable_activation_offloading: False, or memory_budget_gib to the "
                         "card's size so only what must be offloaded is), or shorten tokenizer.max_seq_len",
                         meminfo, pinned=True)
@@ -90,5 +91,7 @@ def describe_plan(plan: MemoryPlan, estimate: MemoryEstimate, tokens: int) -> st
     """The line a run logs about its plan."""
     host = (f", {gib(estimate.host_bytes)} of pinned host memory for offloaded activations"
             if estimate.host_bytes else "")
+    if estimate.host_weights:
+        host += f", {gib(estimate.host_weights)} for the embedding table"
     return (f"memory policy: {plan.describe(tokens)}; predicted peak {gib(estimate.peak_allocated)} allocated, "
             f"{gib(estimate.total)} on the card{host}")

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+import torch.utils.dlpack
 from conftest import TINY, random_model
 from test_training_recipes import ROW, run_recipe
 
 from tunelite.checkpointing.hf import load_hf_state_dict
 from tunelite.errors import ConfigError
 from tunelite.models.llama import LoRAArgs, lora_llama
-from tunelite.modules.host_embedding import HostEmbedding, offload_embeddings
+from tunelite.modules.host_embedding import HostEmbedding, dlpack_device_fields, offload_embeddings
 from tunelite.modules.lora import set_trainable_params
 
 CPU = torch.device("cpu")
@@ -36,6 +37,18 @@ def test_the_host_table_looks_up_the_same_rows_under_the_same_name():
     after = model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
     assert offload_embeddings(model, CPU) == 0 and isinstance(model.tok_embeddings, HostEmbedding)  # once
+
+
+def test_the_dlpack_capsule_has_the_layout_the_gpu_view_relabels():
+    """device_view relabels a pinned table's DLPack capsule as the GPU's: the device fields must be
+    where dlpack.h puts them, which a CPU tensor's capsule shows (kDLCPU = 1, index 0)."""
+    table = torch.randn(5, 3, dtype=torch.bfloat16)
+    capsule = torch.utils.dlpack.to_dlpack(table)
+    kind, index = dlpack_device_fields(capsule)
+    assert (kind.value, index.value) == (1, 0)
+    kind.value = 1  # written in place, as for the GPU (2); the tensor made from it is the table's memory
+    view = torch.from_dlpack(capsule)
+    assert view.data_ptr() == table.data_ptr() and torch.equal(view, table)
 
 
 def test_a_table_that_trains_or_is_the_output_projection_stays(capsys):

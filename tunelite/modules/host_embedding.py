@@ -9,36 +9,39 @@ the host, no synchronisation. The gigabyte it frees is the card's for activation
 budget keeps whole layers that it would otherwise recompute (docs/benchmarks.md).
 """
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
+import torch.utils.dlpack
 from torch import nn
 
 from tunelite.errors import ConfigError
 from tunelite.runtime.host import require_host_memory
 
-_SAME_SIZE_INTEGER = {1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}  # bf16 has no array-interface type string
+# A DLPack capsule holds a DLManagedTensor, whose DLTensor starts with the data pointer (8 bytes) and
+# then the device: an int32 type (kDLCUDA = 2) and an int32 index (dlpack.h; a stable ABI).
+_DEVICE_TYPE_AT, _DEVICE_INDEX_AT, _KDLCUDA = 8, 12, 2
 
 
-class _MappedHostTensor:
-    """A pinned host tensor described by the CUDA array interface, so torch wraps its memory as a
-    device tensor without copying it. Holding `tensor` keeps that memory alive with the wrapper."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.__cuda_array_interface__ = {
-            "shape": tuple(tensor.shape), "typestr": _SAME_SIZE_INTEGER[tensor.element_size()],
-            "data": (tensor.data_ptr(), True), "version": 3, "strides": None,
-        }
+def dlpack_device_fields(capsule: object) -> tuple[ctypes.c_int32, ctypes.c_int32]:
+    """The device type and index fields of a (legacy, "dltensor") DLPack capsule, writable in place."""
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, (ctypes.py_object, ctypes.c_char_p)
+    managed = get_pointer(capsule, b"dltensor")
+    return ctypes.c_int32.from_address(managed + _DEVICE_TYPE_AT), ctypes.c_int32.from_address(managed + _DEVICE_INDEX_AT)
 
 
 def device_view(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`table` (contiguous, in pinned host memory) as a tensor on the GPU `device` over the same
-    memory; on the CPU, `table` itself."""
+    """`table` (in pinned host memory) as a tensor on the GPU `device` over the same memory; on the
+    CPU, `table` itself. torch has no call for this: the table's DLPack capsule is relabelled as the
+    GPU's, and the tensor made from it keeps the table alive through the capsule's deleter."""
     if device.type == "cpu":
         return table
-    with torch.cuda.device(device):
-        view = torch.as_tensor(_MappedHostTensor(table), device=device)
-    return view.view(table.dtype)
+    capsule = torch.utils.dlpack.to_dlpack(table)
+    kind, index = dlpack_device_fields(capsule)
+    kind.value, index.value = _KDLCUDA, torch.cuda.current_device() if device.index is None else device.index
+    return torch.from_dlpack(capsule)
 
 
 class HostEmbedding(nn.Module):

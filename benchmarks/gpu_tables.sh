@@ -69,6 +69,10 @@
 #                                     # 48k, our LoRA at 48k | our QLoRA at 16k, 32k (eager, compiled), 64k, 128k
 #   bash benchmarks/gpu_tables.sh 39  # the embedding table in host memory (offload_embeddings): its check, then
 #                                     # LoRA under budgets with and without it | QLoRA the same, and the defaults with it
+#   bash benchmarks/gpu_tables.sh 40  # issue 17 in one call, with issue 16's 2 x 2048 rows under a 22 GiB cap:
+#                                     # torchtune compiled LoRA/QLoRA, ours compiled at their memory, the defaults, FP8
+#                                     # | Unsloth LoRA/QLoRA, ours eager, transformers+peft+Liger(+bitsandbytes), ours
+#                                     # under a 22 GiB budget and cap
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -833,6 +837,30 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=1
         compiled_variants 70 "qlora +memory_budget_gib=8.4" "qlora +memory_budget_gib=8.9 +offload_embeddings=True" \
             "qlora +offload_embeddings=True"
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+40)
+    # The shipped 8B configs keep the embedding table in host memory (offload_embeddings: True); the
+    # QLoRA row at the peers' memory keeps it on the card (call 39: faster so).
+    ckpt
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
+        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        compiled_variants 45 "lora +memory_budget_gib=18.2" "qlora +memory_budget_gib=8.4 offload_embeddings=False" \
+            "lora" "qlora" "lora +model.base_dtype=fp8 enable_activation_checkpointing=False"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        LIMIT=230 OUT=$OUT bash .bench/anchors/unsloth/run.sh "lora qlora" > /dev/null 2>&1
+        for kind in lora qlora; do
+            row "$kind-eager" 40 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=False \
+                --steps 8 --warmup 3
+        done
+        row hf-peft-liger 45 python3 .bench/hf_peft_lora.py $CK --liger
+        row hf-peft-liger-bnb 60 env PYTHONPATH=/tmp/site:/tmp/uslsite python3 .bench/hf_peft_lora.py $CK --qlora --liger
+        compiled_variants 45 "lora +memory_budget_gib=22 --cap-gib 22" "qlora +memory_budget_gib=22 --cap-gib 22"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

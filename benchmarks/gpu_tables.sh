@@ -73,6 +73,8 @@
 #                                     # torchtune compiled LoRA/QLoRA, ours compiled at their memory, the defaults, FP8
 #                                     # | Unsloth LoRA/QLoRA, ours eager, transformers+peft+Liger(+bitsandbytes), ours
 #                                     # under a 22 GiB budget and cap
+#   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer
+#                                     # timed run of QLoRA keeping 4 layers | of QLoRA keeping 1
 #
 # Within a call the two GPUs run two chains side by side (CUDA_VISIBLE_DEVICES), each a row at a
 # time, so no two measurements share a GPU. Every row prints one RESULT line (into $OUT/*.log);
@@ -158,6 +160,18 @@ ckpt_and_host_room() {
 # torchtune's full recipe at 2 x 2048 (AdamW8bit on the GPU), six steps
 torchtune_full() {
     SEQ=2048 STEPS=6 timeout 150 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK full
+}
+
+PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"
+# profiled NAME KIND [FLAGS]: one profiled step of our compiled recipe at 2 x 2048, its summary and its
+# gzipped trace into $OUT
+profiled() {
+    local name=$1 kind=$2; shift 2
+    row "profile-$name" 100 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
+        --steps 7 --warmup 3 "$PROFILE, output_dir: /tmp/p-$name}" "$@"
+    local trace; trace=$(ls /tmp/p-$name/trace_step*.json | head -1)
+    python3 benchmarks/trace_summary.py "$trace" 2>&1 | head -40 > "$OUT/profile-$name.log"
+    gzip -c "$trace" > "$OUT/trace-$name.json.gz"
 }
 
 ckpt() {
@@ -695,15 +709,6 @@ case $CALL in
     # Where the time goes (for the next session): GPU 0, LoRA under the 17.9 GiB budget (3.5% slower
     # than the default in call 30, predicted faster); GPU 1, QLoRA at the default.
     ckpt
-    PROFILE="+profiler={_component_: tunelite.training.profiling.build_profiler, enabled: True, wait: 5, warmup: 1, active: 1"
-    profiled() {  # profiled NAME KIND [FLAGS]: one profiled step, its summary and its gzipped trace into $OUT
-        local name=$1 kind=$2; shift 2
-        row "profile-$name" 100 $BENCH lora_finetune_single_device llama3_1/8B_${kind}_single_device $CK compile=True \
-            --steps 7 --warmup 3 "$PROFILE, output_dir: /tmp/p-$name}" "$@"
-        local trace; trace=$(ls /tmp/p-$name/trace_step*.json | head -1)
-        python3 benchmarks/trace_summary.py "$trace" 2>&1 | head -40 > "$OUT/profile-$name.log"
-        gzip -c "$trace" > "$OUT/trace-$name.json.gz"
-    }
     CUDA_VISIBLE_DEVICES=0 profiled lora-budget lora +memory_budget_gib=17.9 > "$OUT/gpu0.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 profiled qlora qlora > "$OUT/gpu1.log" 2>&1 &
     wait
@@ -863,6 +868,19 @@ case $CALL in
         compiled_variants 45 "lora +memory_budget_gib=22 --cap-gib 22" "qlora +memory_budget_gib=22 --cap-gib 22"
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
+    ;;
+41)
+    ckpt
+    kept() {  # kept NAME FLAGS...: a profiled step, then 16 timed steps
+        local name=$1; shift
+        profiled "$name" qlora "$@"
+        row "qlora $*" 70 $BENCH lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True \
+            --steps 16 --warmup 4 "$@"
+    }
+    CUDA_VISIBLE_DEVICES=0 kept keep4 +memory_budget_gib=8.9 > "$OUT/gpu0.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 kept keep1 +memory_budget_gib=8.4 offload_embeddings=False > "$OUT/gpu1.log" 2>&1 &
+    wait
+    cat "$OUT"/profile-*.log
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

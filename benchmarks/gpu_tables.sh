@@ -73,6 +73,8 @@
 #                                     # torchtune compiled LoRA/QLoRA, ours compiled at their memory, the defaults, FP8
 #                                     # | Unsloth LoRA/QLoRA, ours eager, transformers+peft+Liger(+bitsandbytes), ours
 #                                     # under a 22 GiB budget and cap
+#   bash benchmarks/gpu_tables.sh 42  # the NF4 kernel launched by inductor (a triton_op): its checks, then QLoRA
+#                                     # compiled default, this tree and 46aa8df | under 8.9 GiB, the same
 #   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer
 #                                     # timed run of QLoRA keeping 4 layers | of QLoRA keeping 1
 #
@@ -881,6 +883,28 @@ case $CALL in
     CUDA_VISIBLE_DEVICES=1 kept keep1 +memory_budget_gib=8.4 offload_embeddings=False > "$OUT/gpu1.log" 2>&1 &
     wait
     cat "$OUT"/profile-*.log
+    ;;
+42)
+    ckpt
+    OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
+    ab() {  # ab ORDER [FLAGS]: compiled QLoRA, this tree and 46aa8df in ORDER (new-old or old-new), 12 steps each
+        local order=$1; shift
+        local args="lora_finetune_single_device llama3_1/8B_qlora_single_device $CK compile=True --steps 12 --warmup 4"
+        for tree in ${order//-/ }; do
+            if [ $tree = new ]; then row "qlora $* (this tree)" 50 $BENCH $args "$@"
+            else row "qlora $* (46aa8df)" 50 $OLD $BENCH $args "$@"; fi
+        done
+    }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        row nf4-checks 60 python3 benchmarks/layer_levers.py --kernels-only
+        ab new-old
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        ab old-new +memory_budget_gib=8.9
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
     ;;
 esac
 echo "== call $CALL done at ${SECONDS}s"

@@ -3,7 +3,7 @@ reference, the FP8 linear against bf16, and a forward + backward through Llama 3
 LoRA layers (random weights, no checkpoint needed) with each base format, eager and compiled,
 with and without activation checkpointing.
 
-    python benchmarks/layer_levers.py [--layers 2] [--batch 2] [--seq 2048]
+    python benchmarks/layer_levers.py [--layers 2] [--batch 2] [--seq 2048] [--kernels-only]
 
 Prints `RESULT ...` lines; a variant that fails prints its error and the others still run.
 """
@@ -46,6 +46,17 @@ def kernels() -> None:
     ms_fast, ms_ref = timed(lambda: nf4.dequantize_nf4(q)), timed(lambda: nf4._dequantize_reference(*pieces))
     print(f"RESULT nf4_kernel bit_identical={torch.equal(fast, ref)} equal_torchao={torch.equal(fast, q.get_original_weight())} "
           f"triton_ms={ms_fast:.3f} ({moved / ms_fast / 1e6:.0f} GB/s) torch_ms={ms_ref:.3f}", flush=True)
+    # compiled, the kernel is launched from inductor's code (a triton_op): the same product and gradient
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (nf4.frozen_linear, torch.compile(nf4.frozen_linear)):
+        out = fn(x, q)
+        out.backward(grad)
+        results.append((out, x.grad))
+        x.grad = None
+    print(f"RESULT nf4_compiled equal_output={torch.equal(results[0][0], results[1][0])} "
+          f"equal_grad={torch.equal(results[0][1], results[1][1])}", flush=True)
     from tunelite.modules.nf4_kernel import dequantize_nf4_cuda
 
     for size in (1024, 2048, 4096, 8192):
@@ -53,10 +64,8 @@ def kernels() -> None:
             ms = timed(lambda: dequantize_nf4_cuda(*pieces, bytes_per_program=size, num_warps=warps), repeat=20)
             print(f"RESULT nf4_kernel_sweep bytes_per_program={size} num_warps={warps} ms={ms:.4f} "
                   f"GB/s={moved / ms / 1e6:.0f}", flush=True)
-    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w8 = fp8.quantize_weight(weight)
     args = [w8[k] for k in ("weight", fp8.SCALE, fp8.TRANSPOSED, fp8.TRANSPOSED_SCALE)]
-    grad = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
     out = fp8.fp8_linear(x, *args)
     ref = F.linear(x, weight)
     error = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -104,10 +113,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--kernels-only", action="store_true", help="the kernels against their references, no layers")
     a = ap.parse_args()
     print(f"RESULT device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     runs = [lambda: kernels()]
-    for base, compiled, checkpointing in [
+    for base, compiled, checkpointing in [] if a.kernels_only else [
         ("bf16", False, True), ("nf4", False, True), ("nf4_no_handoff", False, True), ("fp8", False, True),
         ("bf16", True, True), ("nf4", True, True), ("fp8", True, True), ("fp8", True, False), ("bf16", True, False),
     ]:

@@ -75,6 +75,8 @@
 #                                     # under a 22 GiB budget and cap
 #   bash benchmarks/gpu_tables.sh 42  # the NF4 kernel launched by inductor (a triton_op): its checks, then QLoRA
 #                                     # compiled default, this tree and 46aa8df | under 8.9 GiB, the same
+#   bash benchmarks/gpu_tables.sh 43  # call 42 again, the orders swapped (its two A/Bs disagreed), and the
+#                                     # kernel checks whose lines call 42's row filter dropped
 #   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer
 #                                     # timed run of QLoRA keeping 4 layers | of QLoRA keeping 1
 #
@@ -884,7 +886,7 @@ case $CALL in
     wait
     cat "$OUT"/profile-*.log
     ;;
-42)
+42|43)
     ckpt
     OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
     ab() {  # ab ORDER [FLAGS]: compiled QLoRA, this tree and 46aa8df in ORDER (new-old or old-new), 12 steps each
@@ -895,14 +897,16 @@ case $CALL in
             else row "qlora $* (46aa8df)" 50 $OLD $BENCH $args "$@"; fi
         done
     }
+    first=new-old second=old-new
+    [ $CALL = 43 ] && first=old-new second=new-old
     (
         export CUDA_VISIBLE_DEVICES=0
         row nf4-checks 60 python3 benchmarks/layer_levers.py --kernels-only
-        ab new-old
+        ab $first
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1
-        ab old-new +memory_budget_gib=8.9
+        ab $second +memory_budget_gib=8.9
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

@@ -73,8 +73,8 @@
 #                                     # torchtune compiled LoRA/QLoRA, ours compiled at their memory, the defaults, FP8
 #                                     # | Unsloth LoRA/QLoRA, ours eager, transformers+peft+Liger(+bitsandbytes), ours
 #                                     # under a 22 GiB budget and cap
-#   bash benchmarks/gpu_tables.sh 42  # the NF4 kernel launched by inductor (a triton_op): its checks, then QLoRA
-#                                     # compiled default, this tree and 46aa8df | under 8.9 GiB, the same
+#   bash benchmarks/gpu_tables.sh 42  # the NF4 kernel launched by inductor (a triton_op, 84eb6cd; dropped after 43):
+#                                     # its checks, then QLoRA compiled default, that tree and 46aa8df | under 8.9 GiB
 #   bash benchmarks/gpu_tables.sh 43  # call 42 again, the orders swapped (its two A/Bs disagreed), and the
 #                                     # kernel checks whose lines call 42's row filter dropped
 #   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer

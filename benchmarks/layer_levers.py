@@ -44,22 +44,16 @@ def kernels() -> None:
     fast, ref = nf4.dequantize_nf4(q), nf4._dequantize_reference(*pieces)
     moved = q.quantized_data.numel() + 2 * weight.numel()
     ms_fast, ms_ref = timed(lambda: nf4.dequantize_nf4(q)), timed(lambda: nf4._dequantize_reference(*pieces))
-    from torch._library.triton import set_wrap_triton_enabled
-
     from tunelite.modules.nf4_kernel import dequantize_nf4_cuda
 
-    # The launch shapes first (their lines before the checks'). Launched as the op launches it eagerly:
-    # outside a triton_op, wrap_triton would go through its traceable wrapper, whose host time a
-    # 28 us kernel cannot hide.
-    with set_wrap_triton_enabled(False):
-        for size in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                ms = timed(lambda: dequantize_nf4_cuda(*pieces, bytes_per_program=size, num_warps=warps), repeat=20)
-                print(f"RESULT nf4_kernel_sweep bytes_per_program={size} num_warps={warps} ms={ms:.4f} "
-                      f"GB/s={moved / ms / 1e6:.0f}", flush=True)
+    for size in (1024, 2048, 4096, 8192):  # the launch shapes first, their lines before the checks'
+        for warps in (4, 8, 16):
+            ms = timed(lambda: dequantize_nf4_cuda(*pieces, bytes_per_program=size, num_warps=warps), repeat=20)
+            print(f"RESULT nf4_kernel_sweep bytes_per_program={size} num_warps={warps} ms={ms:.4f} "
+                  f"GB/s={moved / ms / 1e6:.0f}", flush=True)
     print(f"RESULT nf4_kernel bit_identical={torch.equal(fast, ref)} equal_torchao={torch.equal(fast, q.get_original_weight())} "
           f"triton_ms={ms_fast:.3f} ({moved / ms_fast / 1e6:.0f} GB/s) torch_ms={ms_ref:.3f}", flush=True)
-    # compiled, the kernel is launched from inductor's code (a triton_op): the same product and gradient
+    # compiled: the same product and gradient as eager
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
     results = []

@@ -46,10 +46,6 @@ def quantize_nf4(weight: torch.Tensor, shards: int = 1) -> NF4Tensor:
 
 
 FORWARD, BACKWARD = 0, 1  # _dequantize_op's `call`
-try:  # the GPU's kernel, where Triton is
-    from tunelite.modules.nf4_kernel import dequantize_nf4_triton
-except ImportError:
-    dequantize_nf4_triton = None
 
 
 def _dequantize_reference(
@@ -66,33 +62,27 @@ def _dequantize_reference(
 
 
 @torch.library.custom_op("tunelite::dequantize_nf4", mutates_args=())
-def _dequantize_reference_op(
-    data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
-    block_size: int, scaler_block: int, rows: int, cols: int, call: int,
-) -> torch.Tensor:
-    """The reference as an opaque op to torch.compile, as the GPU's kernel is one (nf4_kernel)."""
-    return _dequantize_reference(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols)
-
-
-@_dequantize_reference_op.register_fake
-def _(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols, call):  # noqa: ANN001, ANN202
-    return table.new_empty((rows, cols))
-
-
 def _dequantize_op(
     data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
     block_size: int, scaler_block: int, rows: int, cols: int, call: int,
 ) -> torch.Tensor:
-    """The weight from its NF4 pieces through one op, the GPU's one-pass kernel or the CPU's
-    reference: a compiled layer calls it instead of tracing a dozen indexing ops, and its
-    saved-tensor choice is ours (see _FrozenNF4Linear).
+    """An opaque op to torch.compile, so a compiled layer calls the one-pass kernel instead of
+    tracing a dozen indexing ops, and its saved-tensor choice is ours (see _FrozenNF4Linear).
 
     `call` (FORWARD or BACKWARD) changes nothing in the result: it keeps AOT autograd's common
     subexpression elimination from merging backward's dequantization into forward's, which would
     save each weight's bf16 copy for backward where eager saves its 4-bit pieces (on an H200, 16
     kept 8B QLoRA layers held 4.9 GiB more than the memory estimate)."""
-    op = dequantize_nf4_triton if data.is_cuda and dequantize_nf4_triton is not None else _dequantize_reference_op
-    return op(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols, call)
+    if data.is_cuda:
+        from tunelite.modules.nf4_kernel import dequantize_nf4_cuda
+
+        return dequantize_nf4_cuda(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols)
+    return _dequantize_reference(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols)
+
+
+@_dequantize_op.register_fake
+def _(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols, call):  # noqa: ANN001, ANN202
+    return table.new_empty((rows, cols))
 
 
 def _pieces(weight: NF4Tensor) -> tuple:

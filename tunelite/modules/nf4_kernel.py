@@ -2,12 +2,7 @@
 bf16 value written once, the arithmetic rounded step by step as torchao's eager code rounds it,
 so the result is bit-identical to NF4Tensor.get_original_weight.
 
-The kernel is an operator of its own (`torch.library.triton_op`): eager, a plain call; compiled,
-inductor sees the kernel and launches it from its own generated code, where a Python custom op
-cost ~160 us of host time a call (a call 41 profile: 445 calls a QLoRA step, 71 ms of host time
-for 12 ms of kernels, and the GPU idle while the host caught up).
-
-Only importable where Triton is (a CUDA machine); the CPU uses the reference in nf4.py.
+Only imported on a CUDA device (Triton does not run on the CPU, where the reference in nf4.py is used).
 """
 
 import torch
@@ -19,9 +14,8 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _dequantize_kernel(data_ptr, scalers_ptr, factor_ptr, mean_ptr, table_ptr, out_ptr, n_bytes, call,
+def _dequantize_kernel(data_ptr, scalers_ptr, factor_ptr, mean_ptr, table_ptr, out_ptr, n_bytes,
                        BYTES_PER_BLOCK: tl.constexpr, SCALER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    # `call` is unused: see nf4._dequantize_op (two calls that differ in it are not merged by compile)
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n_bytes
     codes = tl.load(data_ptr + offsets, mask=inside, other=0).to(tl.int32)
@@ -41,7 +35,7 @@ def _dequantize_kernel(data_ptr, scalers_ptr, factor_ptr, mean_ptr, table_ptr, o
 
 def dequantize_nf4_cuda(
     data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
-    block_size: int, scaler_block: int, rows: int, cols: int, call: int = 0, bytes_per_program: int = BYTES_PER_PROGRAM,
+    block_size: int, scaler_block: int, rows: int, cols: int, bytes_per_program: int = BYTES_PER_PROGRAM,
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """The (rows, cols) weight in `table`'s dtype from torchao's NF4 pieces (the launch shape is a
@@ -49,16 +43,6 @@ def dequantize_nf4_cuda(
     out = torch.empty((rows, cols), dtype=table.dtype, device=data.device)
     n_bytes = data.numel()
     grid = (triton.cdiv(n_bytes, bytes_per_program),)
-    torch.library.wrap_triton(_dequantize_kernel)[grid](
-        data, scalers, factor, mean, table, out, n_bytes, call, BYTES_PER_BLOCK=block_size // 2,
-        SCALER_BLOCK=scaler_block, BLOCK=bytes_per_program, num_warps=num_warps)
+    _dequantize_kernel[grid](data, scalers, factor, mean, table, out, n_bytes, BYTES_PER_BLOCK=block_size // 2,
+                             SCALER_BLOCK=scaler_block, BLOCK=bytes_per_program, num_warps=num_warps)
     return out
-
-
-@torch.library.triton_op("tunelite::dequantize_nf4_triton", mutates_args=())
-def dequantize_nf4_triton(
-    data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, table: torch.Tensor,
-    block_size: int, scaler_block: int, rows: int, cols: int, call: int,
-) -> torch.Tensor:
-    """dequantize_nf4_cuda as an operator whose kernel torch.compile launches itself."""
-    return dequantize_nf4_cuda(data, scalers, factor, mean, table, block_size, scaler_block, rows, cols, call)

@@ -56,6 +56,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from tunelite.checkpointing.loading import load_checkpoint_into  # noqa: E402
 from tunelite.config import instantiate, load_recipe_config  # noqa: E402
+from tunelite.modules.host_embedding import offload_embeddings  # noqa: E402
 from tunelite.modules.lora import set_trainable_params  # noqa: E402
 from tunelite.modules.memory_policy import set_memory_policy  # noqa: E402
 from tunelite.recipe_registry import get_recipe, read_declarations  # noqa: E402
@@ -116,6 +117,8 @@ class Trainee:
             self.model = instantiate(cfg.model)
         load_checkpoint_into(self.model, instantiate(cfg.checkpointer), device, get_dtype(cfg.dtype, device))
         set_trainable_params(self.model)
+        if cfg.get("offload_embeddings", False):  # as the recipe does: the estimate counts the table on the host
+            offload_embeddings(self.model, device)
         self.adapters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = instantiate(cfg.optimizer, self.adapters)
         self.loss_fn = instantiate(cfg.loss)

@@ -112,8 +112,10 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
     plan = plan_memory(cfg, MEMORY, len(model.layers), device, cfg.enable_activation_checkpointing,
                        cfg.get("enable_activation_offloading", False), cfg.get("memory_budget_gib"))
     set_memory_policy(model, plan.layers, plan.mlp_chunk_tokens, plan.by_block)
-    if cfg.get("offload_embeddings", False):  # the frozen table in host memory, read in place by the GPU
-        offload_embeddings(model, device)
+    if cfg.get("offload_embeddings", False):  # the frozen table in pinned host memory, read in place by the GPU
+        moved = offload_embeddings(model, device)
+        if moved:
+            print(f"offload_embeddings: the embedding table ({moved / 2**30:.2f} GiB) is in pinned host memory")
     if cfg.compile:
         compile_layers(model)
     adapters = [p for p in model.parameters() if p.requires_grad]

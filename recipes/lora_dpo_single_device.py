@@ -43,9 +43,8 @@ from tunelite.modules.preference import PreferenceOutput
 from tunelite.runtime.device import get_device, get_dtype, reset_peak_memory
 from tunelite.runtime.seed import set_seed
 from tunelite.training.compile import compile_layers
-from tunelite.training.divergence import diverged
 from tunelite.training.memory_policy import plan_memory
-from tunelite.training.nonfinite import is_finite, skip_or_stop
+from tunelite.training.nonfinite import bad_step, skip_or_stop, skipped_if_bad
 from tunelite.training.oom import advice_on_oom
 from tunelite.training.profiling import build_profiler
 from tunelite.training.reporting import StepReporter, build_metric_loggers
@@ -200,17 +199,20 @@ def train(cfg: DictConfig, run: RunFolder) -> None:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in adapters if p.grad is not None])
 
                 # A NaN or infinite loss or gradient never reaches the weights: skip the step, or stop; nor does a
-                # loss far above its recent history (divergence_factor): stop.
-                if is_finite(step_loss, grad_norm) and not diverged(progress, step_loss, divergence_factor):
-                    if cfg.get("clip_grad_norm"):
-                        torch.nn.utils.clip_grads_with_norm_(adapters, cfg.clip_grad_norm, grad_norm)
-                    optimizer.step()
-                else:
+                # loss far above its recent history (divergence_factor): stop. Decided on the device, so the
+                # update is queued while the GPU finishes the backward; the verdict is read after.
+                bad = bad_step(step_loss, grad_norm, progress, divergence_factor)
+                if cfg.get("clip_grad_norm"):
+                    torch.nn.utils.clip_grads_with_norm_(adapters, cfg.clip_grad_norm, grad_norm)
+                with skipped_if_bad(optimizer, bad) as take_step:
+                    if take_step:
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if bad.item():
                     samples = step_sample_indices(loader, epoch, progress.step_in_epoch, accumulation)
                     progress, message = skip_or_stop(progress, skip_limit, divergence_factor, step_loss, grad_norm,
                                                      samples, output_dir)
                     reporter.note(message)
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 progress = progress.advanced(epoch_steps, step_loss)
 

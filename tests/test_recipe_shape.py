@@ -44,8 +44,10 @@ def test_each_training_recipe_writes_its_loop_out(recipe):
     """The loop's parts are in the recipe's own text, not behind a trainer object."""
     text = recipe.path.read_text()
     for part in ("for epoch in range(", ".backward()", "optimizer.step()", "scheduler.step()", "reporter.report(",
-                 "save_checkpoint(", "stop.requested()", "is_finite(", "optimizer.zero_grad("):
+                 "save_checkpoint(", "stop.requested()", "optimizer.zero_grad("):
         assert part in text, f"{recipe.name} does not write `{part}` out"
+    # the check that keeps a bad step from the weights: read back, or decided on the device
+    assert "is_finite(" in text or "bad_step(" in text, f"{recipe.name} does not write its non-finite check out"
     assert 120 <= len(text.splitlines()) <= 260
 
 

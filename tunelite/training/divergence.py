@@ -31,13 +31,19 @@ def _median(progress: Progress) -> float:
     return statistics.median(loss for _, loss in progress.losses[-MEDIAN_OF:])
 
 
-def diverged(progress: Progress, loss: torch.Tensor, factor: float | None) -> bool:
-    """Whether the step in progress's finite `loss` is far above the run's recent losses (`factor`
-    None: never). The first step has no history to compare with."""
+def divergence_limit(progress: Progress, factor: float | None) -> float | None:
+    """The loss above which the step in progress counts as diverging: `factor` times the recent
+    median and the first step's loss + MARGIN, whichever is higher (`factor` None: no limit). The
+    first step has no history to compare with."""
     if factor is None or not progress.losses:
-        return False
-    value = loss.item()
-    return value > factor * _median(progress) and value > progress.first_loss + MARGIN
+        return None
+    return max(factor * _median(progress), progress.first_loss + MARGIN)
+
+
+def diverged(progress: Progress, loss: torch.Tensor, factor: float | None) -> bool:
+    """Whether the step in progress's finite `loss` is far above the run's recent losses."""
+    limit = divergence_limit(progress, factor)
+    return limit is not None and loss.item() > limit
 
 
 def divergence_message(progress: Progress, loss: torch.Tensor, factor: float) -> str:

@@ -16,6 +16,7 @@ from tunelite.errors import ConfigError
 from tunelite.models.llama import LoRAArgs, lora_llama
 from tunelite.modules.host_embedding import HostEmbedding, dlpack_device_fields, offload_embeddings
 from tunelite.modules.lora import set_trainable_params
+from tunelite.modules.memory_policy import set_memory_policy
 
 CPU = torch.device("cpu")
 
@@ -72,3 +73,15 @@ def test_the_lora_recipe_trains_and_exports_the_same_with_the_table_offloaded(tm
     (losses, merged), (offloaded_losses, offloaded_merged) = runs[False], runs[True]
     assert offloaded_losses == losses and len(losses) == 3
     assert merged.keys() == offloaded_merged.keys() and all(torch.equal(merged[k], offloaded_merged[k]) for k in merged)
+
+
+def test_the_model_computes_where_its_layers_are_not_where_its_table_is():
+    """Wherever the table sits (on a GPU run, in host memory), the model's device, and so the
+    offloader's, the KV caches' and evaluation's, is where the layers compute."""
+    model = lora_model()
+    model.tok_embeddings.to("meta")  # a table elsewhere than the layers
+    assert model.device == CPU
+    set_memory_policy(model, ("recompute+offload",) * TINY.num_layers)
+    assert model.memory_policy.offloader.device == CPU
+    model.setup_caches(1, 8)
+    assert model.layers[0].attn.kv_cache.k.device == CPU

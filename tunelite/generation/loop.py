@@ -79,7 +79,7 @@ def generate(
     stop token (not included in its result). `on_tokens` receives each step's new token of every
     row, for streaming; returning True ends generation after that step (a stop string seen). Without `use_cache` each step recomputes the whole sequence: the
     reference the cache is tested against. The model should be in eval mode."""
-    device = model.norm.weight.device  # the embedding table may be in host memory (offload_embeddings)
+    device = model.device
     longest = max(len(p) for p in prompts)
     total = longest + settings.max_new_tokens
     tokens = torch.zeros((len(prompts), total), dtype=torch.long, device=device)

@@ -565,7 +565,7 @@ class TransformerDecoder(nn.Module):
         """Gives every attention layer an empty KV cache of `max_seq_len` positions, for generation;
         training never calls this, so its forward pass is unchanged."""
         dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.norm.weight.device  # the embedding table may be in host memory
+        device = device or self.device
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, self.args.num_kv_heads, max_seq_len, self.args.resolved_head_dim,
                                           dtype, device)
@@ -576,6 +576,12 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.cache_positions = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: its final norm's device, not the embedding table's, which
+        offload_embeddings keeps in host memory (tunelite.modules.host_embedding)."""
+        return self.norm.weight.device
 
     @property
     def caches_enabled(self) -> bool:

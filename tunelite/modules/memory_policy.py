@@ -151,7 +151,7 @@ def set_memory_policy(model: nn.Module, policies: Sequence[str], mlp_chunk_token
                           f"give one per layer, each one of {list(POLICIES)}")
     offloader = None
     if any(offloads(p) for p in policies):
-        offloader = ActivationOffloader(next(model.parameters()).device, min_offload_bytes)
+        offloader = ActivationOffloader(model.device, min_offload_bytes)  # not the table's (offload_embeddings)
     model.memory_policy = MemoryPolicy(tuple(policies), offloader, by_block)
     for layer, policy in zip(layers, policies):
         layer.mlp_chunk_tokens = mlp_chunk_tokens

@@ -11,7 +11,7 @@ from tunelite.runtime.ranks import sum_over_ranks
 def validation_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
     """Mean loss per labelled token over the whole validation set (summed over ranks' shares
     when distributed), with dropout off; leaves the model in training mode."""
-    device = model.norm.weight.device  # the embedding table may be in host memory (offload_embeddings)
+    device = model.device
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in loader:

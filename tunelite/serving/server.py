@@ -82,7 +82,7 @@ class ServedModel:
         with self._lock:
             generator = None
             if sampling.seed is not None:
-                generator = torch.Generator(self.model.tok_embeddings.weight.device).manual_seed(sampling.seed)
+                generator = torch.Generator(self.model.device).manual_seed(sampling.seed)
             return stream_reply(self.model, self.tokenizer, prompt, settings, write, generator, sampling.stop)
 
 

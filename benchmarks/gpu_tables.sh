@@ -79,6 +79,8 @@
 #                                     # kernel checks whose lines call 42's row filter dropped
 #   bash benchmarks/gpu_tables.sh 44  # next (issue 17 in one call again): call 40 with QLoRA under 8.9 GiB (the
 #                                     # table in host memory) and the FP8 checks (the 8B's fixed batch, the tiny curve)
+#   bash benchmarks/gpu_tables.sh 45  # how far the host runs ahead in a compiled QLoRA step (host_slack.py): host
+#                                     # time added to each dequantization | before the verdict, 16 timed steps each
 #   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer
 #                                     # timed run of QLoRA keeping 4 layers | of QLoRA keeping 1
 #
@@ -913,6 +915,22 @@ case $CALL in
     (
         export CUDA_VISIBLE_DEVICES=1
         ab $second +memory_budget_gib=8.9
+    ) > "$OUT/gpu1.log" 2>&1 &
+    wait
+    ;;
+45)
+    ckpt
+    slack() {  # slack FLAGS...: compiled QLoRA under 8.9 GiB, 16 timed steps, with host time added
+        row "qlora 8.9 $*" 60 python3 benchmarks/host_slack.py "$@" lora_finetune_single_device \
+            llama3_1/8B_qlora_single_device $CK compile=True +memory_budget_gib=8.9 --steps 20 --warmup 4
+    }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        slack; slack --dequant-us 50; slack --dequant-us 150; slack
+    ) > "$OUT/gpu0.log" 2>&1 &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        slack; slack --step-ms 3; slack --step-ms 10; slack
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

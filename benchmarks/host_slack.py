@@ -9,6 +9,9 @@ added, the host was the bottleneck there; if not, the GPU had that much queued w
 
 --dequant-us busy-waits that long in each NF4 dequantization (445 a compiled QLoRA step at 2 x 2048,
 most in backward); --step-ms before the step's verdict, between the backward and the optimizer.
+--gpu-only makes the recipe's profiler (`+profiler={...}`) record the GPU's activity alone, without
+the host's ops, shapes and memory, which slow the host it means to observe; trace_summary.py then
+says of each idle gap whether the host was late to launch its next kernel or the GPU waited.
 """
 
 import argparse
@@ -32,7 +35,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dequant-us", type=float, default=0.0)
     ap.add_argument("--step-ms", type=float, default=0.0)
+    ap.add_argument("--gpu-only", action="store_true")
     a, rest = ap.parse_known_args()
+    if a.gpu_only:
+        import torch
+
+        from tunelite.training import profiling
+
+        def gpu_only(*args, activities, record_shapes, profile_memory, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return torch.profiler.profile(*args, activities=[torch.profiler.ProfilerActivity.CUDA], **kwargs)
+
+        profiling.profile = gpu_only
     if a.dequant_us:
         from tunelite.modules import nf4_kernel
 

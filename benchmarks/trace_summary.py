@@ -67,6 +67,33 @@ def main() -> None:
     print(f"GPU idle per step (gaps > 50 us): {sum(e - s for s, e in gaps) / steps / 1e3:.1f} ms, while the host ran")
     for name, us in doing.most_common(a.top):
         print(f"    {us / steps / 1e3:7.1f} ms  {name}")
+    gap_causes(events, steps, a.top)
+
+
+def gap_causes(events: list[dict], steps: int, top: int) -> None:
+    """Each gap on the main stream (> 20 us) as late (its next kernel launched after the gap began: the
+    host was behind) or waiting (launched before: the GPU waited on another stream or a copy), named
+    by the kernels on either side: a GPU-only trace (host_slack.py --gpu-only) says this without
+    the profiler's own host time."""
+    launched = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e]
+    main_stream = collections.Counter(e["args"].get("stream") for e in work).most_common(1)[0][0]
+    work = sorted((e for e in work if e["args"].get("stream") == main_stream), key=lambda e: e["ts"])
+    causes, total = collections.Counter(), collections.Counter()
+    busy_until, previous = work[0]["ts"] + work[0]["dur"], work[0]
+    for e in work[1:]:
+        gap = e["ts"] - busy_until
+        if gap > 20:
+            when = launched.get(e["args"].get("correlation"))
+            cause = "late" if when is None or when > busy_until else "waiting"
+            total[cause] += gap
+            causes[f"{cause:7s} {kind(previous['name'])}:{previous['name'][:45]} -> {e['name'][:45]}"] += gap
+        if e["ts"] + e["dur"] >= busy_until:
+            busy_until, previous = e["ts"] + e["dur"], e
+    print(f"Main-stream gaps per step (> 20 us): " + ", ".join(f"{c} {us / steps / 1e3:.1f} ms" for c, us in total.items()))
+    for name, us in causes.most_common(top):
+        print(f"    {us / steps / 1e3:7.1f} ms  {name}")
 
 
 if __name__ == "__main__":

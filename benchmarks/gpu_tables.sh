@@ -83,6 +83,7 @@
 #                                     # time added to each dequantization | before the verdict, 16 timed steps each
 #   bash benchmarks/gpu_tables.sh 46  # call 44 with the rows at the peers' memory over 16 timed steps, torchtune's
 #                                     # over 20 (its mean of steps 7-20)
+#   bash benchmarks/gpu_tables.sh 47  # call 46 again after the budget's plans keep their last layers (not the first)
 #   bash benchmarks/gpu_tables.sh 41  # why kept QLoRA layers at 2 x 2048 buy nothing: a profiled step and a longer
 #                                     # timed run of QLoRA keeping 4 layers | of QLoRA keeping 1
 #
@@ -855,7 +856,7 @@ case $CALL in
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
-40|44|46)
+40|44|46|47)
     # The shipped 8B configs keep the embedding table in host memory (offload_embeddings: True); in
     # call 40 the QLoRA row at the peers' memory kept it on the card (call 39: faster so; calls 41-43
     # found the 6-step rows too noisy to say, and 8.9 with the table in host memory faster).
@@ -864,7 +865,7 @@ case $CALL in
     [ $CALL = 44 ] && qlora_at_peers="qlora +memory_budget_gib=8.9"
     lora_at_peers="lora +memory_budget_gib=18.2" tt_steps=10
     # Call 44's 6-step rows spread by +-2% (call 45: 12,438-12,636 over 16 steps for the QLoRA row it had at 12,384).
-    if [ $CALL = 46 ]; then
+    if [ $CALL -ge 46 ]; then
         qlora_at_peers="qlora +memory_budget_gib=8.9 --steps 20" lora_at_peers="$lora_at_peers --steps 20" tt_steps=20
     fi
     (

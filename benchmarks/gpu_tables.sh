@@ -885,7 +885,7 @@ case $CALL in
         row hf-peft-liger 45 python3 .bench/hf_peft_lora.py $CK --liger
         row hf-peft-liger-bnb 60 env PYTHONPATH=/tmp/site:/tmp/uslsite python3 .bench/hf_peft_lora.py $CK --qlora --liger
         compiled_variants 45 "lora +memory_budget_gib=22 --cap-gib 22" "qlora +memory_budget_gib=22 --cap-gib 22"
-        [ $CALL != 40 ] && row fp8-checks 120 python3 benchmarks/fp8_check.py --checkpoint $CK
+        [ $CALL != 40 ] && row fp8-checks 75 python3 benchmarks/fp8_check.py --checkpoint $CK
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;

@@ -39,7 +39,9 @@ from tunelite.runtime.host import available_host_memory
 from tunelite.training.memory_policy import budget_bytes, plan_memory
 
 LORA = "lora_finetune_single_device"
-MIXED = [(KEEP, RECOMPUTE_OFFLOAD), (OFFLOAD, RECOMPUTE), (RECOMPUTE_OFFLOAD, OFFLOAD)]
+# kept layers first and last (the budget's plans keep the last ones)
+MIXED = [(KEEP, RECOMPUTE_OFFLOAD), (OFFLOAD, RECOMPUTE), (RECOMPUTE_OFFLOAD, OFFLOAD), (RECOMPUTE_OFFLOAD, KEEP),
+         (RECOMPUTE_OFFLOAD_ATTENTION, KEEP)]
 
 
 def lora_model() -> torch.nn.Module:

@@ -9,15 +9,14 @@ added, the host was the bottleneck there; if not, the GPU had that much queued w
 
 --dequant-us busy-waits that long in each NF4 dequantization (445 a compiled QLoRA step at 2 x 2048,
 most in backward); --step-ms before the step's verdict, between the backward and the optimizer.
---gpu-only makes the recipe's profiler (`+profiler={...}`) record the GPU's activity alone, without
-the host's ops, shapes and memory, which slow the host it means to observe; trace_summary.py then
-says of each idle gap whether the host was late to launch its next kernel or the GPU waited.
+Call 45 (docs/benchmarks.md) measured a compiled QLoRA step so: the host ran 20-25 ms ahead.
 """
 
 import argparse
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_bench  # noqa: E402
@@ -25,45 +24,31 @@ import recipe_bench  # noqa: E402
 from tunelite.training import nonfinite  # noqa: E402
 
 
-def _busy(seconds: float) -> None:
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        pass
+def _delay(module: ModuleType, name: str, seconds: float) -> None:
+    """Makes every call of module.name busy-wait `seconds` on the host first (not sleep: a sleeping
+    thread would give the host time it does not have)."""
+    function = getattr(module, name)
+
+    def delayed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+        return function(*args, **kwargs)
+
+    setattr(module, name, delayed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dequant-us", type=float, default=0.0)
     ap.add_argument("--step-ms", type=float, default=0.0)
-    ap.add_argument("--gpu-only", action="store_true")
     a, rest = ap.parse_known_args()
-    if a.gpu_only:
-        import torch
-
-        from tunelite.training import profiling
-
-        def gpu_only(*args, activities, record_shapes, profile_memory, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            return torch.profiler.profile(*args, activities=[torch.profiler.ProfilerActivity.CUDA], **kwargs)
-
-        profiling.profile = gpu_only
     if a.dequant_us:
-        from tunelite.modules import nf4_kernel
+        from tunelite.modules import nf4_kernel  # the GPU's kernel, which nf4's op looks up at each call
 
-        dequantize = nf4_kernel.dequantize_nf4_cuda
-
-        def slowed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            _busy(a.dequant_us / 1e6)
-            return dequantize(*args, **kwargs)
-
-        nf4_kernel.dequantize_nf4_cuda = slowed
+        _delay(nf4_kernel, "dequantize_nf4_cuda", a.dequant_us / 1e6)
     if a.step_ms:
-        bad_step = nonfinite.bad_step
-
-        def late(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            _busy(a.step_ms / 1e3)
-            return bad_step(*args, **kwargs)
-
-        nonfinite.bad_step = late
+        _delay(nonfinite, "bad_step", a.step_ms / 1e3)  # the recipe imports it when it runs
     sys.argv = [sys.argv[0], *rest]
     recipe_bench.main()
 

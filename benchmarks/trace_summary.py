@@ -73,8 +73,9 @@ def main() -> None:
 def gap_causes(events: list[dict], steps: int, top: int) -> None:
     """Each gap on the main stream (> 20 us) as late (its next kernel launched after the gap began: the
     host was behind) or waiting (launched before: the GPU waited on another stream or a copy), named
-    by the kernels on either side: a GPU-only trace (host_slack.py --gpu-only) says this without
-    the profiler's own host time."""
+    by the kernels on either side. The profiler's own host time makes gaps late that would not be
+    (call 45: without it the host ran 20-25 ms ahead of the step call 41 profiled as host-bound);
+    benchmarks/host_slack.py measures that margin."""
     launched = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     work = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e]
@@ -91,7 +92,7 @@ def gap_causes(events: list[dict], steps: int, top: int) -> None:
             causes[f"{cause:7s} {kind(previous['name'])}:{previous['name'][:45]} -> {e['name'][:45]}"] += gap
         if e["ts"] + e["dur"] >= busy_until:
             busy_until, previous = e["ts"] + e["dur"], e
-    print(f"Main-stream gaps per step (> 20 us): " + ", ".join(f"{c} {us / steps / 1e3:.1f} ms" for c, us in total.items()))
+    print("Main-stream gaps per step (> 20 us): " + ", ".join(f"{c} {us / steps / 1e3:.1f} ms" for c, us in total.items()))
     for name, us in causes.most_common(top):
         print(f"    {us / steps / 1e3:7.1f} ms  {name}")
 

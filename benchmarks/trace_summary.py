@@ -92,7 +92,8 @@ def gap_causes(events: list[dict], steps: int, top: int) -> None:
             causes[f"{cause:7s} {kind(previous['name'])}:{previous['name'][:45]} -> {e['name'][:45]}"] += gap
         if e["ts"] + e["dur"] >= busy_until:
             busy_until, previous = e["ts"] + e["dur"], e
-    print("Main-stream gaps per step (> 20 us): " + ", ".join(f"{c} {us / steps / 1e3:.1f} ms" for c, us in total.items()))
+    print("Main-stream gaps per step (> 20 us): "
+          + ", ".join(f"{cause} {us / steps / 1e3:.1f} ms" for cause, us in total.items()))
     for name, us in causes.most_common(top):
         print(f"    {us / steps / 1e3:7.1f} ms  {name}")
 

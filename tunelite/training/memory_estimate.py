@@ -574,10 +574,10 @@ class MemoryModel:
         projections and MLP, and its attention unless it keeps the attention output), then the
         fewest offloaded layers; the first layers recomputed, the first of those offloaded and
         keeping their attention output, the rest kept (_ordered_plan); the MLP in chunks only when
-        nothing fits without, the recomputed layers then recomputed by block unless nothing fits so. `offload`
-        without recomputation is never chosen: it moves a layer's every activation over PCIe
-        (about 22x its input at Llama sizes), slower than recomputing it unless the copy hides
-        behind compute."""
+        nothing fits without, the recomputed layers then recomputed by block unless nothing fits
+        so. `offload` without recomputation is never chosen: it moves a layer's every activation
+        over PCIe (about 22x its input at Llama sizes), slower than recomputing it unless the copy
+        hides behind compute."""
         layers = self.args.num_layers
         batch, seq = batch or self.batch, seq or self.seq
         tokens = batch * self.recipe.sequences_per_sample * seq

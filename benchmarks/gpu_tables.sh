@@ -141,10 +141,16 @@ compiled_variants() {
             --steps 10 --warmup 4 "$@"
     done
 }
+# torchtune_compiled STEPS SECONDS WHICH...: torchtune's anchor runs (lora_compile, qlora_compile) at 2 x 2048,
+# bounded by SECONDS, their logs copied into $OUT.
+torchtune_compiled() {
+    local steps=$1 seconds=$2; shift 2
+    SEQ=2048 STEPS=$steps timeout "$seconds" bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK "$@"
+    cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+}
 # torchtune's compiled LoRA and QLoRA at 2 x 2048, then ours under a 22 GiB budget, on this chain's GPU.
 budget_rows_beside_torchtune() {
-    SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-    cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+    torchtune_compiled 10 250 lora_compile qlora_compile
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True row budget-rows 150 python3 benchmarks/long_context_bench.py \
         $CK --rows qlora-budget,lora-budget --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
 }
@@ -209,9 +215,7 @@ case $CALL in
     (
         export CUDA_VISIBLE_DEVICES=0
         echo "== torchtune at ${SECONDS}s"
-        SEQ=2048 STEPS=10 timeout $(( $(left) - 180 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 $(( $(left) - 180 )) lora_compile qlora_compile
         row budget-rows 150 python3 benchmarks/long_context_bench.py $CK --rows lora-budget,qlora-budget \
             --steps 6 --warmup 2 --time-limit $(( $(left) - 70 ))
         row fp8-check 60 python3 benchmarks/fp8_check.py $CK --steps 204
@@ -297,9 +301,7 @@ case $CALL in
     ckpt
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout $(( $(left) - 240 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 $(( $(left) - 240 )) lora_compile qlora_compile
         row budget-rows 200 python3 benchmarks/long_context_bench.py $CK --rows qlora-budget,lora-budget \
             --steps 8 --warmup 3 --time-limit $(( $(left) - 10 ))
     ) > "$OUT/gpu0.log" 2>&1 &
@@ -518,8 +520,7 @@ case $CALL in
     ckpt
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 250 lora_compile qlora_compile
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -542,8 +543,7 @@ case $CALL in
     (
         export CUDA_VISIBLE_DEVICES=0
         torchtune_full
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 250 lora_compile qlora_compile
     ) > "$OUT/gpu0.log" 2>&1 &
     (
         export CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -659,8 +659,7 @@ case $CALL in
     }
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 250 lora_compile qlora_compile
         profiled_lora down-in-graph --down-in-graph
     ) > "$OUT/gpu0.log" 2>&1 &
     (
@@ -736,12 +735,12 @@ case $CALL in
                 --steps 10 --warmup 4
         done
     }
-    torchtune_compiled() {
+    torchtune_per_gpu() {  # its logs named by GPU: both GPUs run the same anchors
         SEQ=2048 STEPS=10 timeout 170 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
         for f in /tmp/tt_*/logs/*.txt; do cp "$f" "$OUT/gpu$CUDA_VISIBLE_DEVICES-$(basename "$f")"; done
     }
-    (export CUDA_VISIBLE_DEVICES=0; torchtune_compiled; ours_defaults) > "$OUT/gpu0.log" 2>&1 &
-    (export CUDA_VISIBLE_DEVICES=1; ours_defaults; torchtune_compiled) > "$OUT/gpu1.log" 2>&1 &
+    (export CUDA_VISIBLE_DEVICES=0; torchtune_per_gpu; ours_defaults) > "$OUT/gpu0.log" 2>&1 &
+    (export CUDA_VISIBLE_DEVICES=1; ours_defaults; torchtune_per_gpu) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
 33)
@@ -752,8 +751,7 @@ case $CALL in
     OLD="env -C .bench/old PYTHONPATH=$ROOT/.bench/old:/tmp/site"
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=10 timeout 250 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 250 lora_compile qlora_compile
         compiled_variants 90 "lora +memory_budget_gib=17.9" "qlora +memory_budget_gib=8.4"
     ) > "$OUT/gpu0.log" 2>&1 &
     (
@@ -805,9 +803,7 @@ case $CALL in
         export CUDA_VISIBLE_DEVICES=1
         compiled_variants 60 "lora" "lora +enable_activation_offloading=True" "lora +memory_budget_gib=17.9" \
             "qlora" "qlora +memory_budget_gib=8.4"
-        SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK \
-            lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 $(( $(left) - 5 )) lora_compile qlora_compile
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
@@ -823,8 +819,7 @@ case $CALL in
         row qlora-eager 50 $QLORA compile=False --steps 6 --warmup 2
         row qlora-eager-8192 50 $QLORA compile=False --batch 1 --seq 8192 --steps 4 --warmup 2
         row "qlora-compiled +memory_budget_gib=8.4" 60 $QLORA compile=True --steps 10 --warmup 4 +memory_budget_gib=8.4
-        SEQ=2048 STEPS=10 timeout $(( $(left) - 5 )) bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled 10 $(( $(left) - 5 )) qlora_compile
     ) > "$OUT/gpu1.log" 2>&1 &
     wait
     ;;
@@ -870,8 +865,7 @@ case $CALL in
     fi
     (
         export CUDA_VISIBLE_DEVICES=0
-        SEQ=2048 STEPS=$tt_steps timeout 270 bash .bench/anchors/torchtune/run.sh .bench/tt-wheels $CK lora_compile qlora_compile
-        cp /tmp/tt_*/logs/*.txt "$OUT/" 2>/dev/null
+        torchtune_compiled $tt_steps 270 lora_compile qlora_compile
         compiled_variants 45 "$lora_at_peers" "$qlora_at_peers" \
             "lora" "qlora" "lora +model.base_dtype=fp8 enable_activation_checkpointing=False"
     ) > "$OUT/gpu0.log" 2>&1 &
